@@ -1,0 +1,1 @@
+"""Command-line programs (``tools/*.py`` are thin launchers of these; pip installs them as ``opdf-*``)."""

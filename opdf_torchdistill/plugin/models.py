@@ -1,0 +1,93 @@
+"""torchdistill model components: the ``opdf_student`` model key and the ``opdf_probe`` wrapper.
+
+``opdf_student`` is a model *factory*: torchdistill (and its example script) builds the student with
+it, so the model is over-parameterized before hooks, DDP and the optimizer exist, and a ``-test_only``
+run builds the same MPO structure for the checkpoint it reloads with ``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torchdistill.models.registry import MODEL_DICT, register_auxiliary_model_wrapper, register_model
+from torchvision import models as tv_models
+
+from ..options import OptionError
+from ..surgery import overparameterize
+from .probe import attach_probe
+
+__all__ = ['build_base_model', 'opdf_student', 'opdf_probe']
+
+logger = logging.getLogger(__name__)
+
+
+def build_base_model(key: str, repo_or_dir: str | None = None, **kwargs: Any) -> nn.Module:
+    """Build a model the way torchdistill resolves ``models.*.key``: torchvision first, then
+    torchdistill's model registry, then ``torch.hub`` when ``repo_or_dir`` is given."""
+    if not isinstance(key, str):
+        raise OptionError(f'base must be a model key (string), got {key!r}')
+    if repo_or_dir is None and key in tv_models.__dict__ and callable(tv_models.__dict__[key]) \
+            and not isinstance(tv_models.__dict__[key], type(tv_models)):
+        return tv_models.__dict__[key](**kwargs)
+    if repo_or_dir is None and key in MODEL_DICT:
+        return MODEL_DICT[key](**kwargs)
+    if repo_or_dir is not None:
+        return torch.hub.load(repo_or_dir, key, **kwargs)
+    registered = sorted(k for k in MODEL_DICT if k != 'opdf_student')
+    raise OptionError(f'unknown base model key {key!r}: not a torchvision model and not in torchdistill\'s model '
+                      f'registry (registered: {registered}); for hub models also give base_repo_or_dir')
+
+
+def _teacher_skeleton(spec: Any) -> nn.Module:
+    """``align_to`` from YAML: ``{key, kwargs, repo_or_dir}`` built on the meta device (shapes only)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, Mapping) or 'key' not in spec:
+        raise OptionError(f'mpo.align_to must be a teacher model config with a "key" (and optional "kwargs"), got {spec!r}')
+    unknown = set(spec) - {'key', 'kwargs', 'repo_or_dir'}
+    if unknown:
+        raise OptionError(f'mpo.align_to: unknown keys {sorted(unknown)}; valid keys: key, kwargs, repo_or_dir')
+    kwargs = {k: v for k, v in dict(spec.get('kwargs') or {}).items() if k not in ('weights', 'pretrained')}
+    with torch.device('meta'):
+        return build_base_model(spec['key'], spec.get('repo_or_dir'), **kwargs)
+
+
+@register_model(key='opdf_student')
+def opdf_student(base: str, mpo: Mapping[str, Any] | None = None, base_repo_or_dir: str | None = None,
+                 **kwargs: Any) -> nn.Module:
+    """Build ``base`` with ``kwargs`` (pretrained ``weights`` included), over-parameterize it with the
+    options ``mpo`` (see :mod:`opdf_torchdistill.options`) and attach the probe ``opdf``.
+
+    .. code-block:: yaml
+
+        student_model:
+          key: 'opdf_student'
+          kwargs:
+            base: 'resnet18'
+            mpo: {num_dummy: 1}
+            num_classes: 1000
+    """
+    model = build_base_model(base, base_repo_or_dir, **kwargs)
+    options = dict(mpo or {})
+    if options.get('align_to') is not None:
+        options['align_to'] = _teacher_skeleton(options['align_to'])
+    report = overparameterize(model, **options)
+    logger.info('OPDF student (%s) over-parameterization:\n%s', base, report)
+    probe = attach_probe(model)
+    probe.report = report
+    return model
+
+
+@register_auxiliary_model_wrapper(key='opdf_probe')
+def opdf_probe(teacher_model: nn.Module | None = None, student_model: nn.Module | None = None,
+               **kwargs: Any) -> nn.Module:
+    """Attach the probe to a teacher (or any plain model) *in place* and return the same model, so hook
+    paths and state_dict keys stay as they are. Use without ``kwargs`` (torchdistill would otherwise
+    redesign the model before calling this)."""
+    model = teacher_model if teacher_model is not None else student_model
+    if model is None:
+        raise ValueError('opdf_probe needs a teacher_model or student_model')
+    attach_probe(model)
+    return model
