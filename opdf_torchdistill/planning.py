@@ -281,6 +281,7 @@ def explicit_plan(shape: Sequence[int], rows: Sequence[int], cols: Sequence[int]
                   max_bond: int | None = None) -> MPOPlan:
     """A user-given factorisation (dummies included as ``1``s), validated against the shape."""
     try:
+        mpo.check_factors(tuple(shape), tuple(rows), tuple(cols))
         return MPOPlan(tuple(rows), tuple(cols), max_bond)
     except MPOError as exc:
         raise MPOError(f'explicit factors rows={list(rows)} cols={list(cols)} do not fit the '

@@ -272,7 +272,9 @@ def overparameterize(model: nn.Module, config: MPOConfig | Mapping[str, Any] | N
 def _register(module: nn.Module, site: WeightSite, p: MPOPlan, cores: list[Tensor], frozen: tuple[int, ...],
               partner: str | None) -> None:
     weight = module._parameters[site.tensor_name]
-    order = tuple(module._parameters.keys())
+    # Several tensors of one module (attention q/k/v) share the order recorded before the first.
+    earlier = [p for _, _, _, p in mpo_modules(module) if p.param_order]
+    order = earlier[0].param_order if earlier else tuple(module._parameters.keys())
     param = MPOWeight(p, site, frozen, initial_cores=[c.to(weight.device) for c in cores],
                       requires_grad=weight.requires_grad, param_order=order, partner=partner)
     parametrize.register_parametrization(module, site.tensor_name, param, unsafe=True)
