@@ -7,8 +7,10 @@ Pure integer arithmetic on shapes (no tensors). The planner answers three questi
   ``L``). With two real factors, ``W (I x J)`` becomes ``A D_1 .. D_L B`` with ``r x r`` dummies and
   ``r = min(i_1 j_1, i_2 j_2)``; the layer then holds ``IJ + (L + 1) r^2`` parameters.
 * :func:`plan_target_ratio` - pick ``r`` per layer so the whole model reaches a target parameter ratio.
-* :func:`aligned_plans` - for a student/teacher pair of different widths, three real factors whose
-  outer (auxiliary) cores coincide and whose central core absorbs the width difference.
+* :func:`teacher_plan` / :func:`aligned_plans` - for a student/teacher pair of different widths, the
+  teacher takes the student's factors except the central pair, which absorbs the width difference.
+  The default plan already works whenever the student's non-central factors divide the teacher's
+  dimensions (e.g. widths x4); otherwise three real factors ``(a, c, b)`` are chosen so they do.
 
 Dummy factors are placed around the central real factor (odd ``num_factors``) or in the middle gap
 (even), so :func:`~opdf_torchdistill.mpo.central_index` ``(n - 1) // 2`` always names the core that
@@ -27,7 +29,7 @@ from .mpo import MPOError
 
 __all__ = [
     'MPOPlan', 'divisors', 'balanced_factors', 'insert_dummies', 'balanced_plan', 'bond_options',
-    'plan_for_bond', 'plan_target_ratio', 'teacher_plan', 'aligned_plans', 'explicit_plan',
+    'plan_for_bond', 'plan_target_ratio', 'teacher_plan', 'aligned_plans', 'explicit_plan', 'auxiliary_compatible',
 ]
 
 
@@ -307,13 +309,23 @@ def teacher_plan(student: MPOPlan, teacher_shape: Sequence[int]) -> MPOPlan | No
     return MPOPlan(tuple(rows), tuple(cols), student.max_bond)
 
 
+def auxiliary_compatible(student: MPOPlan, teacher: MPOPlan | None) -> bool:
+    """Whether every auxiliary core of ``student`` has the shape of the teacher's core there."""
+    if teacher is None or teacher.num_cores != student.num_cores:
+        return False
+    s_shapes, t_shapes = student.core_shapes, teacher.core_shapes
+    return all(s_shapes[k] == t_shapes[k] for k in student.auxiliary)
+
+
 def aligned_plans(student_shape: Sequence[int], teacher_shape: Sequence[int],
                   num_dummy: int = 1) -> tuple[MPOPlan, MPOPlan] | None:
     """Three-real-factor plans ``(a, c, b)`` for a student and a teacher of different widths whose
     auxiliary cores (everything but the central ``c`` core) have identical shapes.
 
     Among all ``a * b`` dividing both dimensions on each side, pick the largest auxiliary bonds
-    ``d_1 d_2`` (more over-parameterization), then the most balanced split. ``None`` if none exists.
+    ``d_1 d_2`` (more over-parameterization), then the most balanced split. A student central pair
+    ``(1, 1)`` is already an identity core, so it counts as one of the ``num_dummy`` dummies.
+    ``None`` if no such split exists.
     """
     s_rows, s_cols = int(student_shape[0]), int(student_shape[1])
     t_rows, t_cols = int(teacher_shape[0]), int(teacher_shape[1])
@@ -325,13 +337,11 @@ def aligned_plans(student_shape: Sequence[int], teacher_shape: Sequence[int],
         for a2, b2 in col_pairs:
             if a * a2 == 1 or b * b2 == 1:
                 continue
-            plans = []
-            for rows_total, cols_total in ((s_rows, s_cols), (t_rows, t_cols)):
-                rows, cols = insert_dummies((a, rows_total // (a * b), b), (a2, cols_total // (a2 * b2), b2), num_dummy)
-                plans.append(MPOPlan(rows, cols))
-            s_plan, t_plan = plans
-            s_shapes, t_shapes = s_plan.core_shapes, t_plan.core_shapes
-            if any(s_shapes[k] != t_shapes[k] for k in s_plan.auxiliary):
+            c, c2 = s_rows // (a * b), s_cols // (a2 * b2)
+            dummies = max(0, num_dummy - 1) if c * c2 == 1 else num_dummy
+            s_plan = MPOPlan(*insert_dummies((a, c, b), (a2, c2, b2), dummies))
+            t_plan = teacher_plan(s_plan, (t_rows, t_cols))
+            if not auxiliary_compatible(s_plan, t_plan):
                 continue
             d = s_plan.bonds
             key = (d[1] * d[-2], -abs(math.log(a / b)) - abs(math.log(a2 / b2)), a, a2)

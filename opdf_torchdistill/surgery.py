@@ -181,11 +181,11 @@ def _plan(selected, cfg: MPOConfig, model_params: int) -> tuple[list[MPOPlan], l
                 if partner is None:
                     continue
                 t_shape = teacher_info[partner].shape
-                if t_shape != site.matrix_shape and not ov:
+                if not planning.auxiliary_compatible(plans[k], planning.teacher_plan(plans[k], t_shape)) and not ov:
                     aligned = planning.aligned_plans(site.matrix_shape, t_shape, cfg.effective_num_dummy)
                     if aligned is not None:
                         plans[k] = aligned[0]
-                if planning.teacher_plan(plans[k], t_shape) is not None:
+                if planning.auxiliary_compatible(plans[k], planning.teacher_plan(plans[k], t_shape)):
                     partners[k] = partner
             return plans, partners
         return [_plan_one(site, cfg, ov) for _, site, ov in selected], partners

@@ -21,9 +21,12 @@ logger = logging.getLogger('opdf_torchdistill.cli')
 
 
 def setup_logging(run_log: str | None = None) -> None:
+    """torchdistill's log format; only rank 0 logs below WARNING in distributed runs."""
     set_basic_log_config()
     if run_log is not None and is_main_process():
         setup_log_file(os.path.expanduser(run_log))
+    if not is_main_process():
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def is_main_process() -> bool:
@@ -107,7 +110,5 @@ def init_distributed(device: str) -> tuple[bool, int, list[int] | None, torch.de
         dev, backend, device_ids = torch.device(device), 'gloo', None
     dist.init_process_group(backend=backend, init_method='env://', world_size=world_size, rank=rank)
     dist.barrier()
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
     logger.info('distributed: %d processes, backend %s', world_size, backend)
     return True, world_size, device_ids, dev

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from torchdistill.datasets.util import build_data_loader
 from ..io import atomic_torch_save, atomic_write_json
 from .common import build_model, init_distributed, is_main_process, load_config, setup_logging, student_config_of
 
-__all__ = ['main', 'get_parser', 'evaluate', 'last_ckpt_path']
+__all__ = ['main', 'run', 'get_parser', 'evaluate', 'last_ckpt_path']
 
 logger = logging.getLogger('opdf_torchdistill.train')
 
@@ -254,7 +253,15 @@ def _param_counts(model) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    """Command-line entry point; returns the metrics."""
+    metrics = run(get_parser().parse_args(argv))[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+def run(args: argparse.Namespace):
+    """Train (unless ``-test_only``) and test; returns ``(metrics, student, teacher)``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed, world_size, device_ids, device = init_distributed(args.device)
@@ -294,8 +301,7 @@ def main(argv=None) -> dict:
         atomic_write_json(metrics, args.metrics_json)
     if distributed:
         dist.barrier()
-        dist.destroy_process_group()
-    return metrics
+    return metrics, student, teacher
 
 
 if __name__ == '__main__':  # pragma: no cover

@@ -1,7 +1,7 @@
 """The probe: how live MPO cores (student) and weights (teacher) reach a torchdistill loss.
 
 torchdistill losses see only the io_dict that forward hooks fill, so the probe is a parameter-free
-module, attached to a model as ``<model>.opdf``, whose output is ``{layer name: ProbeEntry}``. It is
+module, attached to a model as the attribute ``<model>.opdf`` (not a registered child), whose output is ``{layer name: ProbeEntry}``. It is
 *called* from a forward hook on every supported layer (not from the root module), so:
 
 * ``forward_hook: {output: ['opdf']}`` is one path per model, however many layers there are;
@@ -93,7 +93,9 @@ def attach_probe(model: nn.Module) -> OPDFProbe:
         raise ValueError(f'{type(model).__name__} already has an attribute {PROBE_NAME!r} '
                          f'({type(existing).__name__}); cannot attach the OPDF probe')
     probe = OPDFProbe()
-    model.add_module(PROBE_NAME, probe)
+    # A plain attribute, not a registered child: containers such as nn.Sequential call every child in
+    # their forward, and the probe must change neither the forward, nor module listings, nor state.
+    object.__setattr__(model, PROBE_NAME, probe)
     by_module: dict[int, tuple[nn.Module, list]] = {}
     for module, site in weight_sites(model)[0]:
         by_module.setdefault(id(module), (module, []))[1].append(site)
