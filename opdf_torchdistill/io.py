@@ -1,7 +1,10 @@
 """Atomic file output: a checkpoint, export or record is either complete or absent, never half-written.
 
-Everything is written to a temporary file in the destination directory, flushed to disk, then renamed
-over the destination (``os.replace`` is atomic on POSIX and Windows within one filesystem).
+Everything is written to a hidden temporary file (``.<name>.<random>.tmp``) in the destination
+directory, flushed to disk, then renamed over the destination (``os.replace`` is atomic on POSIX and
+Windows within one filesystem). An exception removes the temporary file; a process killed outright
+(SIGKILL, power loss) can leave it behind, never a partial destination, and the next write to the
+same destination removes it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f'.{path.name}.*.tmp'):  # left by a writer that was killed
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:

@@ -55,6 +55,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help='continue from a .last.pt checkpoint (default: the one next to dst_ckpt)')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override a config value, e.g. --set train.num_epochs=3 (value parsed as YAML)')
+    p.add_argument('--stop_after', type=int, metavar='N',
+                   help='leave after N epochs of this invocation (time-limited jobs); continue with --resume')
     p.add_argument('--metrics_json', help='write final metrics (accuracies, times, parameter counts) here')
     p.add_argument('--amp', choices=['bf16'], help='train under bfloat16 autocast (MPO contraction stays float32)')
     p.add_argument('--threads', type=int, help='torch intra-op threads')
@@ -236,6 +238,11 @@ def train(teacher, student, config: dict, args, device, distributed: bool, world
             }, last_path)
         if distributed:
             dist.barrier()
+        if args.stop_after is not None and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < box.num_epochs:
+            logger.info('stopping after %d epoch(s) as asked; resume with --resume %s', args.stop_after, last_path)
+            box.clean_modules()
+            return {'best_val_acc1': best, 'train_seconds': time.perf_counter() - start, 'history': history,
+                    'stopped_at_epoch': epoch + 1}
     elapsed = time.perf_counter() - start
     logger.info('training time %s', datetime.timedelta(seconds=int(elapsed)))
     box.clean_modules()
@@ -282,6 +289,10 @@ def run(args: argparse.Namespace):
     metrics.update(_param_counts(student))
     if not args.test_only:
         metrics.update(train(teacher, student, config, args, device, distributed, world_size))
+        if metrics.get('stopped_at_epoch') is not None:  # unfinished: testing waits for the resumed run
+            if args.metrics_json and is_main_process():
+                atomic_write_json(metrics, args.metrics_json)
+            return metrics, student, teacher
 
     dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
     if os.path.exists(dst_ckpt):
