@@ -91,8 +91,9 @@ def _execute(config: str, seed: int, overrides: dict, workdir: Path, device: str
     key = run_key(config, seed, overrides)
     ckpt = workdir / f'{key}.pt'
     metrics_path = workdir / f'{key}.metrics.json'
-    sets = [f'{k}={json.dumps(v)}' for k, v in overrides.items()] + [f'models.student_model.dst_ckpt={ckpt}']
-    argv = ['--config', config, '--device', device, '--seed', str(seed), '--metrics_json', str(metrics_path)]
+    sets = [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
+    argv = ['--config', config, '--device', device, '--seed', str(seed), '--metrics_json', str(metrics_path),
+            '--dst_ckpt', str(ckpt)]
     for s in sets:
         argv += ['--set', s]
     try:
@@ -335,6 +336,10 @@ def plot_lr(rows: Sequence[dict], lr_key: str, path: Path, title: str) -> Path |
         if bad:
             ax.scatter([x for x, _ in bad], [10.0] * len(bad), marker='x', color=line.get_color())
     ax.set_xscale('log')
+    ticks = sorted({r['overrides'][lr_key] for members in series.values() for r in members})
+    ax.minorticks_off()
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f'{t:g}' for t in ticks])
     ax.set_xlabel(f'learning rate ({lr_key.split(".")[-1]})')
     ax.set_ylabel('test accuracy (%)  (x: a seed diverged)')
     ax.set_title(title)
@@ -361,7 +366,9 @@ def get_parser() -> argparse.ArgumentParser:
         q.add_argument('--tune', nargs='*', default=[],
                        help='override keys to select per config on validation accuracy (e.g. the lr)')
         q.add_argument('--baseline', help='config name (file stem) to compare every group with')
-        q.add_argument('--only', nargs='*', help='report only these config names')
+        q.add_argument('--only', nargs='*', help='report only these config names (in this order)')
+        q.add_argument('--where', action='append', default=[], metavar='KEY=VALUE',
+                       help='report only records whose override KEY is VALUE (or that do not set KEY)')
         q.add_argument('--plots', help='directory for PNG plots')
         q.add_argument('--lr_key', default='train.optimizer.kwargs.lr', help='override key of the learning rate')
         q.add_argument('--title', default='', help='prefix of plot titles')
@@ -395,7 +402,11 @@ def _prepare(configs: Sequence[str], device: str) -> None:
 def report(args, records: list[dict]) -> list[dict]:
     if args.only:
         records = [r for r in records if r['name'] in args.only]
+    for key, value in _parse_sets(args.where).items():
+        records = [r for r in records if r['overrides'].get(key, value) == value]
     rows = summarize(records, args.tune, args.baseline)
+    if args.only:
+        rows.sort(key=lambda r: args.only.index(r['name']))
     print(format_summary(rows, args.tune, args.baseline))
     if args.summary_json:
         atomic_write_json(rows, args.summary_json)

@@ -48,8 +48,7 @@ def _train(config: Path, seed: int, device: str, out_dir: Path, name: str):
     """Run one config through the runner, with its checkpoints (and the teacher's) under ``out_dir``."""
     from .train import get_parser, run
     key = 'model' if name in ('teacher', 'student_ce') else 'student_model'
-    argv = ['--config', str(config), '--device', device, '--seed', str(seed),
-            '--set', f'models.{key}.dst_ckpt={out_dir / (name + ".pt")}']
+    argv = ['--config', str(config), '--device', device, '--seed', str(seed), '--dst_ckpt', str(out_dir / f'{name}.pt')]
     if key == 'student_model':
         argv += ['--set', f'models.teacher_model.src_ckpt={out_dir / "teacher.pt"}']
     start = time.perf_counter()

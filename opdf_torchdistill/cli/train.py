@@ -55,6 +55,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help='continue from a .last.pt checkpoint (default: the one next to dst_ckpt)')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override a config value, e.g. --set train.num_epochs=3 (value parsed as YAML)')
+    p.add_argument('--dst_ckpt', help='where the best student checkpoint goes (overrides the config\'s dst_ckpt)')
     p.add_argument('--stop_after', type=int, metavar='N',
                    help='leave after N epochs of this invocation (time-limited jobs); continue with --resume')
     p.add_argument('--metrics_json', help='write final metrics (accuracies, times, parameter counts) here')
@@ -281,6 +282,8 @@ def run(args: argparse.Namespace):
     models_config = config['models']
     teacher_config = models_config.get('teacher_model')
     student_config = student_config_of(config)
+    if args.dst_ckpt:
+        student_config['dst_ckpt'] = args.dst_ckpt
     if 'dst_ckpt' not in student_config:
         raise KeyError('models.student_model.dst_ckpt is required (where the best checkpoint goes)')
     teacher = build_model(teacher_config, device, distributed) if teacher_config is not None else None
