@@ -25,7 +25,16 @@ from . import mpo
 from .layers import WeightSite, to_matrix
 from .planning import MPOPlan
 
-__all__ = ['MPOWeight']
+__all__ = ['MPOWeight', 'set_caching']
+
+_CACHING = True
+
+
+def set_caching(enabled: bool) -> bool:
+    """Turn the weight caches on or off process-wide (for benchmarks and debugging); returns the old value."""
+    global _CACHING
+    previous, _CACHING = _CACHING, bool(enabled)
+    return previous
 
 
 def _version_key(cores: tuple[Tensor, ...]) -> tuple | None:
@@ -84,7 +93,7 @@ class MPOWeight(nn.Module):
         return matrix.reshape(self.site.weight_shape)
 
     def forward(self, *cores: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
+        if not _CACHING or torch.compiler.is_compiling():
             return self._contract(cores)
         builds_graph = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         key = _version_key(cores)

@@ -172,7 +172,10 @@ def balanced_plan(shape: Sequence[int], num_factors: int = 2, num_dummy: int = 1
             if num_factors >= 2 and (x[0] == 1 or x[-1] == 1):
                 continue  # a trivial end core adds nothing but a scalar
             bonds = mpo.bond_dims(rows, cols)
-            key = (sum(math.log(b) for b in bonds), -abs(math.log(x[0] / x[-1])))
+            wide = all(p * p <= math.prod(x) for p in itertools.accumulate(x[:-1], lambda a, b: a * b))
+            # Largest bonds; then balanced end cores; then wide unfoldings (the faster, exact-by-
+            # construction decomposition path, see mpo.decompose).
+            key = (sum(math.log(b) for b in bonds), -abs(math.log(x[0] / x[-1])), wide)
             if best is None or key > best[0]:
                 best = (key, rows, cols)
     if best is None:  # e.g. (1, p) with p prime handled above; fall back to the plain order
@@ -197,7 +200,7 @@ def bond_options(shape: tuple[int, int]) -> tuple[tuple[int, tuple[int, int], tu
             if p == 1 or q == 1:
                 continue
             r = min(p, q)
-            imbalance = abs(math.log(i1 / i2)) + abs(math.log(j1 / j2)) + (0.0 if p >= q else 1e-9)
+            imbalance = abs(math.log(i1 / i2)) + abs(math.log(j1 / j2)) + (0.0 if p <= q else 1e-9)
             if r not in best or imbalance < best[r][0]:
                 best[r] = (imbalance, (i1, i2), (j1, j2))
     return tuple((r, v[1], v[2]) for r, v in sorted(best.items()))

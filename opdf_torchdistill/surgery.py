@@ -279,6 +279,9 @@ def _register(module: nn.Module, site: WeightSite, p: MPOPlan, cores: list[Tenso
                       requires_grad=weight.requires_grad, param_order=order, partner=partner)
     parametrize.register_parametrization(module, site.tensor_name, param, unsafe=True)
     plist = module.parametrizations[site.tensor_name]
+    for k in range(p.num_cores):
+        core = getattr(plist, f'original{k}')
+        setattr(core, '_opdf_core', (p.num_cores, p.num_dummy))  # lets OPDFOptimizer find the cores
     for k in frozen:
         core = plist._parameters.pop(f'original{k}')
         plist.register_buffer(f'original{k}', core.detach())
@@ -303,6 +306,11 @@ def contract(model: nn.Module) -> nn.Module:
     built on the cores do not follow: contract after training.
     """
     for _, module, tensor_name, p in list(mpo_modules(model)):
+        cls = type(module)
+        if cls.__name__.startswith('Parametrized') and parametrize.is_parametrized(module):
+            # deepcopy shares parametrize's generated class between copies; removing the property
+            # from it would break every copy (an EMA model, a kept MPO twin), so work on a private one.
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         with torch.no_grad():
             # The no-grad path reuses a cached weight, so removal below contracts nothing twice.
             weight = getattr(module, tensor_name).detach().clone()

@@ -185,3 +185,17 @@ def test_bad_input_is_refused_clearly(bad, message):
 def test_reconstruct_refuses_broken_chains():
     with pytest.raises(MPOError, match='chain'):
         reconstruct([torch.randn(1, 2, 2, 3), torch.randn(4, 2, 2, 1)])
+
+
+def test_both_decomposition_paths_give_the_same_gauge():
+    # Wide unfoldings use the eigendecomposition of M M^T; an explicit rtol forces the SVD path.
+    w = torch.randn(48, 80, dtype=torch.float64)
+    rows, cols = (6, 1, 8), (8, 1, 10)
+    fast, svd = decompose(w, rows, cols), decompose(w, rows, cols, rtol=1e-14)
+    for a, b in zip(fast, svd):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    # A null direction is floored, never divided by: every core stays bounded.
+    low = (torch.randn(48, 3, dtype=torch.float64) @ torch.randn(3, 80, dtype=torch.float64))
+    cores = decompose(low, rows, cols)
+    assert all(c.abs().max() < 1e3 * low.abs().max() for c in cores)
+    assert rel(reconstruct(cores), low) <= 1e-12

@@ -202,3 +202,21 @@ def test_ddp_two_processes_keep_identical_cores(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     start = get_model('opdf_student', base='resnet20', num_classes=10, mpo={'freeze': 'central'})
     assert any(not torch.equal(rank0[k], v) for k, v in start.state_dict().items() if 'original0' in k)  # trained
+
+
+def test_opdf_optimizer_puts_cores_in_their_own_group():
+    from torchdistill.optim.registry import get_optimizer
+    student = get_model('opdf_student', base='resnet20', num_classes=10, mpo={'num_dummy': 1})
+    opt = get_optimizer(torch.nn.ModuleList([student]), 'OPDFOptimizer', lr=0.4, momentum=0.9, base='SGD')
+    lrs = sorted({g['lr'] for g in opt.param_groups})
+    assert lrs == [0.1, 0.4]  # cores at lr / 2(L + 1) with L = 1; BatchNorm and the rest at the base rate
+    cores = {id(p) for _, m, t, _ in mpo_modules(student) for p in m.parametrizations[t].parameters()}
+    for g in opt.param_groups:
+        assert all((id(p) in cores) == (g['lr'] == 0.1) for p in g['params'])
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(student.parameters()))
+    twin = copy.deepcopy(student)  # tags do not survive deepcopy; the module path finds the cores again
+    opt = get_optimizer(torch.nn.ModuleList([twin]), 'OPDFOptimizer', filters_params=False, lr=0.4, base='SGD',
+                        core_lr_scale=0.5)
+    assert sorted({g['lr'] for g in opt.param_groups}) == [0.2, 0.4]
+    with pytest.raises(ValueError, match='unknown base optimizer'):
+        get_optimizer(torch.nn.ModuleList([student]), 'OPDFOptimizer', lr=0.1, base='Sgd')

@@ -67,8 +67,11 @@ def test_svd_failure_falls_back_to_another_driver(monkeypatch):
         raise torch._C._LinAlgError('simulated: the algorithm failed to converge')
     monkeypatch.setattr(torch.linalg, 'svd', broken)
     w = torch.randn(24, 30, dtype=torch.float64)
-    cores = mpo.decompose(w, (4, 1, 6), (5, 1, 6))
+    cores = mpo.decompose(w, (6, 1, 4), (6, 1, 5))  # a tall unfolding (36 x 20): the SVD path
     assert calls and rel(mpo.reconstruct(cores), w) <= 1e-12
+    monkeypatch.setattr(torch.linalg, 'eigh', broken)
+    cores = mpo.decompose(w, (4, 1, 6), (5, 1, 6))  # a wide one: eigh fails, then the SVD fails too
+    assert len(calls) >= 3 and rel(mpo.reconstruct(cores), w) <= 1e-12
 
 
 def test_ill_conditioned_weights_in_a_model_stay_exact():

@@ -196,6 +196,19 @@ def test_deepcopy_of_overparameterized_models():
         assert rel(clone(x), model(x)) > 0  # independent cores
 
 
+def test_contracting_a_model_leaves_its_deep_copies_intact():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    overparameterize(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = twin(x)
+        contract(model)
+        assert torch.equal(twin(x), before) and is_overparameterized(twin)
+        contract(twin)
+        assert rel(twin(x), model(x)) == 0
+
+
 def test_writes_through_data_need_clear_caches():
     from opdf_torchdistill import clear_caches
     model = nn.Linear(8, 8)

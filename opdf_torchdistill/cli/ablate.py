@@ -432,12 +432,17 @@ def main(argv=None) -> int:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        logging.getLogger('opdf_torchdistill').setLevel(logging.WARNING)
-        _prepare(args.prepare, args.device)
-        for name in ('torchdistill', 'opdf_torchdistill'):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        records = run_ablation(args.configs, args.seeds, _parse_grid(args.grid), _parse_sets(args.sets), args.out,
-                               args.device, args.isolate)
+        quiet = [logging.getLogger(name) for name in ('torchdistill', 'opdf_torchdistill')]
+        levels = [log.level for log in quiet]
+        for log in quiet:  # one progress line per run instead of every run's training log
+            log.setLevel(logging.WARNING)
+        try:
+            _prepare(args.prepare, args.device)
+            records = run_ablation(args.configs, args.seeds, _parse_grid(args.grid), _parse_sets(args.sets),
+                                   args.out, args.device, args.isolate)
+        finally:
+            for log, level in zip(quiet, levels):
+                log.setLevel(level)
     else:
         records = [r for path in args.out for r in load_records(path)]
     report(args, records)

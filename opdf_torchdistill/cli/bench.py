@@ -3,7 +3,8 @@ time and peak memory, contracted-model latency and outputs, and the analytic FLO
 
 All timings are medians of ``--repeats`` interleaved repeats after warm-up (variants alternate inside
 each repeat, so drifts of a noisy machine hit them alike), with min and max. Peak memory is measured
-in a fresh subprocess per variant: peak RSS above the process's RSS after imports on CPU,
+in a fresh subprocess per variant: peak RSS (sampled at 1 kHz) above the RSS before the models are
+built on CPU,
 ``max_memory_allocated`` on CUDA. Figures go to stdout as tables and to ``--json``.
 
 Sections (``--sections``, default all):
@@ -14,6 +15,8 @@ Sections (``--sections``, default all):
   (with the alignment term) at several scales, for each ``--sizes`` resolution x ``--batch`` size.
   The table also gives the extra time the analytic contraction FLOPs need at this machine's measured
   matmul rate (the floor) and the measured extra time over that floor (the efficiency).
+* ``levers``: each speed lever with and without it (contraction order, decomposition thread pool,
+  the eval cache, the once-per-step cache of a module called twice).
 * ``inference``: plain model vs the contracted OPDF model: latency ratio and max output difference.
 
 Example::
@@ -26,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -143,13 +145,15 @@ def _inputs(kind: str, size: int, batch: int, device: torch.device) -> torch.Ten
     return torch.randn(batch, size, 768, device=device)  # ``size`` = sequence length
 
 
-def _make_step(kind: str, scale: dict | None, size: int, batch: int, device: torch.device) -> tuple[Callable, dict]:
-    """A closure running one KD (+OPDF) training step, and facts about it."""
+def _make_step(kind: str, scale: dict | None, size: int, batch: int, device: torch.device,
+               teacher: nn.Module | None = None) -> tuple[Callable, dict]:
+    """A closure running one KD (+OPDF) training step, and facts about it (``teacher`` may be shared)."""
     from ..alignment import CoreAligner
     from ..plugin.probe import attach_probe
     from ..surgery import overparameterize
     torch.manual_seed(0)
-    teacher, student = _pair(kind)
+    built_teacher, student = _pair(kind)
+    teacher = built_teacher if teacher is None else teacher
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
     x = _inputs(kind, size, batch, device)
@@ -180,21 +184,33 @@ def _make_step(kind: str, scale: dict | None, size: int, batch: int, device: tor
 
 
 def _peak_memory(kind: str, scale: dict | None, size: int, batch: int, device: str, threads: int | None) -> float:
-    """Peak memory (MiB) of building the models and running 3 steps, measured in a fresh process."""
+    """Peak memory (MiB) of building the models and running 3 steps, measured in a fresh process:
+    on CPU the highest resident set size seen by a 1 kHz sampler minus the RSS before the models
+    were built; on CUDA ``max_memory_allocated``."""
     code = (
-        'import json, resource, sys, torch\n'
+        'import json, torch\n'
         f'torch.set_num_threads({threads or torch.get_num_threads()})\n'
-        'from opdf_torchdistill.cli.bench import _make_step, _rss_mib\n'
+        'from opdf_torchdistill.cli.bench import _make_step, _RssSampler\n'
         f'dev = torch.device({device!r})\n'
-        'base = _rss_mib()\n'
+        'sampler = _RssSampler()\n'
         'if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)\n'
         f'step, _ = _make_step({kind!r}, {scale!r}, {size}, {batch}, dev)\n'
         'for _ in range(3): step()\n'
-        'peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else '
-        'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base\n'
+        'peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else sampler.stop()\n'
         'print(json.dumps(peak))\n')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _release_memory() -> None:
+    """Free the previous configuration's models before building the next (and give pages back)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 def _rss_mib() -> float:
@@ -202,18 +218,40 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
 
+class _RssSampler:
+    """Samples this process's RSS every millisecond; ``stop()`` returns the peak above the start."""
+
+    def __init__(self):
+        import threading
+        self.base = self.peak = _rss_mib()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, _rss_mib())
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+        return self.peak - self.base
+
+
 def bench_steps(args, device: torch.device, rate: float) -> list[dict]:
     results = []
-    for kind, sizes in (('resnet', args.sizes), ('transformer', [args.seq_len])):
+    for kind, sizes, batches in (('resnet', args.sizes, args.batch), ('transformer', [args.seq_len], args.transformer_batch)):
         if kind not in args.models:
             continue
         for size in sizes:
-            for batch in args.batch:
+            for batch in batches:
                 variants = {'KD': None}
                 variants.update({f'KD+OPDF {k}': v for k, v in SCALES.items() if k.split()[0] in args.scales})
                 steps, facts = {}, {}
+                teacher = _pair(kind)[0]  # one teacher for all variants: less memory, same work
                 for name, scale in variants.items():
-                    steps[name], facts[name] = _make_step(kind, scale, size, batch, device)
+                    steps[name], facts[name] = _make_step(kind, scale, size, batch, device, teacher)
                 for step in steps.values():  # warm-up
                     step()
                     step()
@@ -226,11 +264,13 @@ def bench_steps(args, device: torch.device, rate: float) -> list[dict]:
                         _sync(device)
                         times[name].append(time.perf_counter() - start)
                 base = statistics.median(times['KD'])
+                del steps, teacher
+                _release_memory()
                 memory = {}
                 if not args.no_memory:
                     for name, scale in variants.items():
                         memory[name] = _peak_memory(kind, scale, size, batch, device.type, args.threads)
-                for name in steps:
+                for name in times:
                     s = _stats(times[name])
                     row = {'model': 'ResNet-18 <- ResNet-34' if kind == 'resnet' else '6 <- 12 layer transformer',
                            'input': f'{size}x{size}' if kind == 'resnet' else f'{size} tokens', 'batch': batch,
@@ -335,16 +375,87 @@ def bench_inference(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def _time(fn: Callable, repeats: int, device: torch.device) -> dict:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return _stats(times)
+
+
+def bench_levers(args, device: torch.device) -> list[dict]:
+    """Each speed lever on its own: measured with and without it."""
+    from .. import mpo
+    from ..parametrization import set_caching
+    from ..surgery import overparameterize, plan
+    rows = []
+    # 1. Contraction order: the DP order vs a plain left-to-right chain, forward + backward, ResNet-18's weights.
+    report = plan(build('resnet18'))
+    cores = [[torch.randn(s, device=device, requires_grad=True) for s in r.plan.core_shapes] for r in report.layers]
+
+    def chain(cs):
+        out = cs[0].reshape(-1, cs[0].shape[-1])
+        for c in cs[1:]:
+            out = (out @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+        return out
+
+    def run(order):
+        total = sum(((mpo.reconstruct(cs) if order == 'dp' else chain(cs)).square().sum() for cs in cores))
+        total.backward()
+    for order in ('left-to-right', 'dp'):
+        rows.append({'lever': 'contraction order (ResNet-18 weights, fwd+bwd)', 'setting': order,
+                     **_time(lambda: run(order), args.repeats, device)})
+    del cores
+    # 2. Decomposition: one thread, one intra-op thread per matrix in a pool.
+    for workers in (1, None):
+        model = build('resnet18')
+        start = time.perf_counter()
+        overparameterize(model, workers=workers)
+        rows.append({'lever': 'decomposition of resnet18', 'setting': f'{workers or torch.get_num_threads()} worker(s)',
+                     'median': time.perf_counter() - start, 'min': None, 'max': None, 'n': 1})
+    # 3. Caching: eval forward (validation) and a module called twice per training step.
+    torch.manual_seed(0)
+    model = build('resnet18').to(device)
+    overparameterize(model)
+    x = torch.randn(args.infer_batch, 3, 224, 224, device=device)
+    lin = nn.Linear(1024, 1024).to(device)
+    twice = nn.Sequential(lin, nn.ReLU(), lin)
+    overparameterize(twice)
+    h = torch.randn(64, 1024, device=device)
+    for enabled in (False, True):
+        previous = set_caching(enabled)
+        try:
+            model.eval()
+            with torch.inference_mode():
+                rows.append({'lever': f'eval forward, resnet18 224x224 batch {args.infer_batch}',
+                             'setting': 'cache on' if enabled else 'cache off', **_time(lambda: model(x), args.repeats, device)})
+            rows.append({'lever': 'training step, one 1024x1024 Linear called twice', 'setting': 'cache on' if enabled else 'cache off',
+                         **_time(lambda: twice(h).square().mean().backward(), args.repeats, device)})
+        finally:
+            set_caching(previous)
+    print(format_table(['lever', 'setting', 'time s (median [min, max])'],
+                       [[r['lever'], r['setting'], f'{r["median"]:.3f}' + (f' [{r["min"]:.3f}, {r["max"]:.3f}]' if r['min'] is not None else '')]
+                        for r in rows], 'llr'), flush=True)
+    print(flush=True)
+    return rows
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='OPDF benchmarks (figures, not tests)')
-    p.add_argument('--sections', nargs='+', default=['decompose', 'step', 'inference'],
-                   choices=['decompose', 'step', 'inference'])
+    p.add_argument('--sections', nargs='+', default=['decompose', 'levers', 'step', 'inference'],
+                   choices=['decompose', 'levers', 'step', 'inference'])
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, help='torch intra-op threads (default: torch default)')
     p.add_argument('--repeats', type=int, default=5, help='timed repeats (after warm-up)')
     p.add_argument('--sizes', type=int, nargs='+', default=[32, 224], help='ResNet input resolutions')
     p.add_argument('--batch', type=int, nargs='+', default=[64], help='batch sizes')
     p.add_argument('--seq_len', type=int, default=128, help='transformer sequence length')
+    p.add_argument('--transformer_batch', type=int, nargs='+', default=[8], help='transformer batch sizes')
     p.add_argument('--models', nargs='+', default=['resnet', 'transformer'], choices=['resnet', 'transformer'])
     p.add_argument('--scales', nargs='+', default=['L1', 'L2', 'L3'], choices=['L1', 'L2', 'L3'])
     p.add_argument('--decompose_models', nargs='+', default=['resnet18', 'resnet50', 'transformer6'])
@@ -368,6 +479,8 @@ def main(argv=None) -> int:
           f'dense float32 matmul {rate:.0f} GFLOP/s\n', flush=True)
     if 'decompose' in args.sections:
         out['decompose'] = bench_decompose(args)
+    if 'levers' in args.sections:
+        out['levers'] = bench_levers(args, device)
     if 'step' in args.sections:
         out['step'] = bench_steps(args, device, rate)
     if 'inference' in args.sections:

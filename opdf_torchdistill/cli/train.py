@@ -268,15 +268,19 @@ def main(argv=None) -> dict:
     return metrics
 
 
-def run(args: argparse.Namespace):
-    """Train (unless ``-test_only``) and test; returns ``(metrics, student, teacher)``."""
+def run(args: argparse.Namespace, config: dict | None = None):
+    """Train (unless ``-test_only``) and test; returns ``(metrics, student, teacher)``.
+
+    ``config``: an already loaded (and possibly edited) config to use instead of ``args.config``.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed, world_size, device_ids, device = init_distributed(args.device)
     setup_logging(args.run_log)
     logger.info('args: %s', vars(args))
     _set_seed(args.seed)
-    config = load_config(args.config, args.overrides)
+    if config is None:
+        config = load_config(args.config, args.overrides)
     if args.log_config:
         logger.info('config: %s', config)
     models_config = config['models']

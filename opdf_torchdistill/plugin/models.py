@@ -80,14 +80,37 @@ def opdf_student(base: str, mpo: Mapping[str, Any] | None = None, base_repo_or_d
     return model
 
 
+_BOX_KWARGS = ('device', 'device_ids', 'distributed')
+
+
 @register_auxiliary_model_wrapper(key='opdf_probe')
 def opdf_probe(teacher_model: nn.Module | None = None, student_model: nn.Module | None = None,
-               **kwargs: Any) -> nn.Module:
-    """Attach the probe to a teacher (or any plain model) *in place* and return the same model, so hook
-    paths and state_dict keys stay as they are. Use without ``kwargs`` (torchdistill would otherwise
-    redesign the model before calling this)."""
+               wrap: str | Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """Attach the probe to a teacher (or any plain model) *in place*.
+
+    Without ``wrap`` it returns the same model, so hook paths and state_dict keys stay as they are
+    (hook the probe as ``opdf``). With ``wrap`` it then builds another auxiliary model wrapper around
+    the model and returns it, so methods that need their own wrapper (FT's ``Teacher4FactorTransfer``,
+    CRD's ``Linear4CRD``, SRD's ``SRDModelWrapper``) keep it; hook the probe through the wrapper's
+    path to the model then (``teacher_model.opdf``, ``model.opdf``). ``wrap`` is the inner wrapper's
+    key, with every other kwarg passed to it (so a recipe changes one line and adds one), or a full
+    ``{key, kwargs}`` mapping.
+    """
+    from torchdistill.models.wrapper import build_auxiliary_model_wrapper
     model = teacher_model if teacher_model is not None else student_model
     if model is None:
         raise ValueError('opdf_probe needs a teacher_model or student_model')
     attach_probe(model)
-    return model
+    box_kwargs = {k: v for k, v in kwargs.items() if k in _BOX_KWARGS}
+    inner_kwargs = {k: v for k, v in kwargs.items() if k not in _BOX_KWARGS}
+    if wrap is None:
+        if inner_kwargs:
+            raise OptionError(f'opdf_probe: unexpected kwargs {sorted(inner_kwargs)} (they are only passed on with wrap)')
+        return model
+    if isinstance(wrap, str):
+        wrap = {'key': wrap, 'kwargs': inner_kwargs}
+    elif not isinstance(wrap, Mapping) or 'key' not in wrap or inner_kwargs:
+        raise OptionError(f'opdf_probe: wrap must be a wrapper key (other kwargs go to it) or a {{key, kwargs}} '
+                          f'mapping, got {wrap!r} with {sorted(inner_kwargs)}')
+    side = 'teacher_model' if teacher_model is not None else 'student_model'
+    return build_auxiliary_model_wrapper({'auxiliary_model_wrapper': dict(wrap)}, **{side: model}, **box_kwargs)

@@ -58,13 +58,20 @@ class OPDFProbe(nn.Module):
 
 
 class _LayerHook:
-    """Forward hook on one layer: reports its current weight tensors to the probe."""
+    """Forward hook on one layer: reports its current weight tensors to the probe.
 
-    def __init__(self, probe: OPDFProbe, sites):
+    It reads the tensors of the module it was registered on, not of the module that calls it: under
+    DataParallel the caller is a per-GPU replica whose weights are fresh broadcast copies every step,
+    while the original's are the stable tensors the loss should train (student) or cache (teacher).
+    """
+
+    def __init__(self, probe: OPDFProbe, module: nn.Module, sites):
         self.probe = probe
+        self.module = module
         self.sites = sites
 
-    def __call__(self, module, args, output):
+    def __call__(self, _caller, args, output):
+        module = self.module
         entries = []
         for site in self.sites:
             mpo = None
@@ -102,5 +109,5 @@ def attach_probe(model: nn.Module) -> OPDFProbe:
     for _, module, _, p in mpo_modules(model):
         by_module.setdefault(id(module), (module, []))[1].append(p.site)
     for module, sites in by_module.values():
-        module.register_forward_hook(_LayerHook(probe, sites))
+        module.register_forward_hook(_LayerHook(probe, module, sites))
     return probe
