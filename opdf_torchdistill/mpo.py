@@ -124,6 +124,7 @@ def central_index(num_cores: int) -> int:
 # Decomposition
 # ----------------------------------------------------------------------------------------------
 _THREAD_LOCK = threading.Lock()
+_FORCE_SVD = False  # benchmarks flip this to measure the SVD-only path
 
 
 @contextlib.contextmanager
@@ -249,7 +250,7 @@ def decompose(matrix: Tensor, row_factors: Sequence[int], col_factors: Sequence[
 
     # Wide unfoldings everywhere and full bonds: the eigendecomposition path; otherwise SVDs.
     prefixes = [math.prod(x[:k]) for k in range(1, n)]
-    use_gram = not _svd_only and max_bond is None and rtol is None and all(p * p <= total for p in prefixes)
+    use_gram = not (_svd_only or _FORCE_SVD) and max_bond is None and rtol is None and all(p * p <= total for p in prefixes)
     with single_threaded():
         # L_k, S_k, keep_k for every internal bond k = 1..n-1; a dummy pair reuses the previous bond.
         lefts: list[tuple[Tensor, Tensor, Tensor]] = [None] * (n + 1)  # type: ignore[list-item]

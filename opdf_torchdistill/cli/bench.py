@@ -394,9 +394,9 @@ def bench_levers(args, device: torch.device) -> list[dict]:
     from ..parametrization import set_caching
     from ..surgery import overparameterize, plan
     rows = []
-    # 1. Contraction order: the DP order vs a plain left-to-right chain, forward + backward, ResNet-18's weights.
+    # 1. Contraction order: the DP order vs a plain left-to-right chain, forward + backward, ResNet-18's
+    #    weights with the default (wide) plans, where the two coincide, and with transposed (tall) plans.
     report = plan(build('resnet18'))
-    cores = [[torch.randn(s, device=device, requires_grad=True) for s in r.plan.core_shapes] for r in report.layers]
 
     def chain(cs):
         out = cs[0].reshape(-1, cs[0].shape[-1])
@@ -404,13 +404,19 @@ def bench_levers(args, device: torch.device) -> list[dict]:
             out = (out @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
         return out
 
-    def run(order):
-        total = sum(((mpo.reconstruct(cs) if order == 'dp' else chain(cs)).square().sum() for cs in cores))
-        total.backward()
-    for order in ('left-to-right', 'dp'):
-        rows.append({'lever': 'contraction order (ResNet-18 weights, fwd+bwd)', 'setting': order,
-                     **_time(lambda: run(order), args.repeats, device)})
-    del cores
+    for layout in ('default plans', 'transposed plans'):
+        shapes = [r.plan.core_shapes if layout == 'default plans' else
+                  tuple((s[3], s[2], s[1], s[0]) for s in reversed(r.plan.core_shapes)) for r in report.layers]
+        cores = [[torch.randn(s, device=device, requires_grad=True) for s in sh] for sh in shapes]
+
+        def run(order):
+            total = sum(((mpo.reconstruct(cs) if order == 'dp' else chain(cs)).square().sum() for cs in cores))
+            total.backward()
+        flops = sum(3 * mpo.contraction_flops(sh) for sh in shapes) / 1e9
+        for order in ('left-to-right', 'dp'):
+            rows.append({'lever': f'contraction order, ResNet-18 weights, {layout}, fwd+bwd ({flops:.0f} GFLOP dp)',
+                         'setting': order, **_time(lambda: run(order), args.repeats, device)})
+        del cores
     # 2. Decomposition: one thread, one intra-op thread per matrix in a pool.
     for workers in (1, None):
         model = build('resnet18')
@@ -418,6 +424,18 @@ def bench_levers(args, device: torch.device) -> list[dict]:
         overparameterize(model, workers=workers)
         rows.append({'lever': 'decomposition of resnet18', 'setting': f'{workers or torch.get_num_threads()} worker(s)',
                      'median': time.perf_counter() - start, 'min': None, 'max': None, 'n': 1})
+    # 2b. Decomposition path: eigendecomposition of M M^T for wide unfoldings vs SVDs everywhere.
+    for force_svd in (True, False):
+        mpo._FORCE_SVD = force_svd
+        try:
+            for name in ('resnet50', 'transformer6'):
+                model = build(name)
+                start = time.perf_counter()
+                overparameterize(model)
+                rows.append({'lever': f'decomposition of {name}', 'setting': 'SVD only' if force_svd else 'eigh for wide unfoldings',
+                             'median': time.perf_counter() - start, 'min': None, 'max': None, 'n': 1})
+        finally:
+            mpo._FORCE_SVD = False
     # 3. Caching: eval forward (validation) and a module called twice per training step.
     torch.manual_seed(0)
     model = build('resnet18').to(device)
