@@ -167,11 +167,15 @@ def _robust_svd(m: Tensor) -> tuple[Tensor, Tensor]:
             u, s = torch.from_numpy(u_np).to(m.device), torch.from_numpy(s_np).to(m.device)
         except Exception as exc:  # pragma: no cover - both LAPACK drivers failing is exotic
             raise MPOError(f'SVD did not converge for a {tuple(m.shape)} unfolding ({exc})') from exc
-    # Sign rule: the largest-magnitude entry of every left singular vector is positive.
+    return _sign_rule(u), s
+
+
+def _sign_rule(u: Tensor) -> Tensor:
+    """Flip columns so the largest-magnitude entry of each is positive (LAPACK's signs are arbitrary)."""
     idx = u.abs().argmax(dim=0, keepdim=True)
     signs = torch.sign(u.gather(0, idx))
     signs[signs == 0] = 1
-    return u * signs, s
+    return u * signs
 
 
 def _left_part(unfolding: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,10 +203,7 @@ def _left_part_gram(unfolding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         keep = torch.zeros_like(s, dtype=torch.bool)
         return torch.zeros_like(vec), s, keep
     s = s.clamp_min(torch.finfo(s.dtype).eps * s[0])
-    idx = vec.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(vec.gather(0, idx))
-    signs[signs == 0] = 1
-    return (vec * signs) * s.sqrt(), s, torch.ones_like(s, dtype=torch.bool)
+    return _sign_rule(vec) * s.sqrt(), s, torch.ones_like(s, dtype=torch.bool)
 
 
 def _guarded_inv(s: Tensor, keep: Tensor) -> Tensor:

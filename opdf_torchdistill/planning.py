@@ -29,7 +29,7 @@ from .mpo import MPOError
 
 __all__ = [
     'MPOPlan', 'divisors', 'balanced_factors', 'insert_dummies', 'balanced_plan', 'bond_options',
-    'plan_for_bond', 'plan_target_ratio', 'teacher_plan', 'aligned_plans', 'explicit_plan', 'auxiliary_compatible',
+    'plan_for_bond', 'plan_target_ratio', 'teacher_plan', 'is_splittable', 'aligned_plans', 'explicit_plan', 'auxiliary_compatible',
 ]
 
 
@@ -149,9 +149,15 @@ def insert_dummies(rows: Sequence[int], cols: Sequence[int], num_dummy: int) -> 
     return tuple(new_rows), tuple(new_cols)
 
 
+def is_splittable(shape: Sequence[int]) -> bool:
+    """Whether ``I * J`` has a split into two factors > 1 (a 1x7 matrix has none)."""
+    size = shape[0] * shape[1]
+    return size >= 4 and len(divisors(size)) > 2
+
+
 def _check_splittable(shape: Sequence[int]) -> None:
     size = shape[0] * shape[1]
-    if size < 4 or len(divisors(size)) <= 2:
+    if not is_splittable(shape):
         raise MPOError(f'a {shape[0]}x{shape[1]} matrix has no non-trivial MPO split (I*J = {size})')
 
 

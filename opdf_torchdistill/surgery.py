@@ -124,10 +124,8 @@ def _select(model: nn.Module, cfg: MPOConfig):
             raise mpo.MPOError(f'{site.name}: weight contains NaN or Inf; cannot decompose it')
         elif weight.device.type != 'meta' and not bool(weight.detach().any()):
             reason = 'all-zero weight: every core would be zero and never receive a gradient'
-        else:
-            size = site.matrix_shape[0] * site.matrix_shape[1]
-            if 'rows' not in override and (size < 4 or len(planning.divisors(size)) <= 2):
-                reason = f'{site.matrix_shape[0]}x{site.matrix_shape[1]} matrix has no non-trivial MPO split'
+        elif 'rows' not in override and not planning.is_splittable(site.matrix_shape):
+            reason = f'{site.matrix_shape[0]}x{site.matrix_shape[1]} matrix has no non-trivial MPO split'
         if reason is None:
             selected.append((module, site, override))
         else:
