@@ -3,38 +3,56 @@ teacher's weights with the same factor shapes in the same gauge (frozen, cached 
 the distance of the student's live auxiliary cores to them.
 
 Independent of torchdistill: :class:`ProbeEntry` is what a probe reports for one layer (see
-``plugin/probe.py``), and :class:`CoreAligner` turns two such reports into a differentiable loss.
+``plugin/probe.py``), :func:`pair_layers` decides which layers align (also without any tensor, for
+``opdf-inspect``), and :class:`CoreAligner` turns two reports into a differentiable loss.
 
-Loss (lambda-free; the weight is the caller's)::
+Reductions (the weight lambda is the caller's), over the aligned cores ``k`` of matched layers ``l``:
 
-    L_aux = mean over matched layers l and aligned cores k of  mean((T^s_{l,k} - T^t_{l,k})^2)
+* ``'relative'`` (default): ``sum_{l,k} ||S_{l,k} - T_{l,k}||^2 / ||T_{l,k}||^2``. Scale-free: every
+  core contributes the same O(1) amount at the start whatever its size, and the gradient on a core,
+  ``2 (S - T) / ||T||^2``, depends neither on the core's number of elements nor on how many other
+  cores are aligned (a mean over cores would shrink it by their number: 42 on ResNet-18). At weight
+  1 its gradient norm on the aligned cores is of the order of a KD term's (measured: the README's
+  gradient-norm table); one SGD step closes ``2 lr lambda / ||T||^2`` of each core's distance.
+* ``'paper'``: the paper's Eq. 5 taken literally, ``mean_{l,k} mean((S_{l,k} - T_{l,k})^2)``. Its
+  gradient per element is ``2 (S - T) / (numel N)``: on ResNet-18 <- ResNet-34 about 1e-6 of the KD
+  term's, so at any usual lambda it moves nothing. Kept for reproductions and ablations.
 
-i.e. every aligned core counts once, whatever its size. By default the aligned cores are all but the
-central one (the paper; the authors' code also aligned the central one). The student side is the
-live core Parameters, so the gradient reaches them (the authors read ``state_dict()``, which is
-detached, so their term never trained anything).
+By default the aligned cores are all but the central one (the paper; the authors' code also aligned
+the central one). The student side is the live core Parameters, so the gradient reaches them (the
+authors read ``state_dict()``, which is detached, so their term never trained anything).
+
+``targets='random'`` is a control: each teacher weight is replaced by a seeded Gaussian matrix of the
+same shape and Frobenius norm, decomposed the same way, to tell teacher information from the mere
+regularisation of pulling cores toward some fixed tensors.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import mpo, planning
-from .layers import to_matrix
+from .weight_sites import to_matrix
 from .matching import LayerInfo, MatchError, auto_match, explicit_match
 from .planning import MPOPlan
-from .report import format_table
+from .tables import format_table
 
-__all__ = ['ProbeEntry', 'AlignedPair', 'CoreAligner', 'CORE_CHOICES', 'MatchError']
+__all__ = ['ProbeEntry', 'AlignedPair', 'AlignmentCoverage', 'CoreAligner', 'pair_layers', 'CORE_CHOICES',
+           'REDUCTIONS', 'TARGET_CHOICES', 'MatchError']
 
 logger = logging.getLogger(__name__)
 
 CORE_CHOICES = ('auxiliary', 'all', 'central')
+REDUCTIONS = ('relative', 'paper')
+TARGET_CHOICES = ('teacher', 'random')
+NOT_REPORTED = 'never called in this pass (a stage that does not run it, or a weight read without calling its module)'
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +92,116 @@ def _select_cores(choice, num_cores: int, central: int) -> tuple[int, ...]:
     return tuple(sorted({k % num_cores for k in choice if -num_cores <= k < num_cores}))
 
 
+@dataclass
+class AlignmentCoverage:
+    """How much of the over-parameterized student the alignment reaches."""
+    mpo_weights: int
+    aligned_weights: int
+    mpo_params: int          # all core parameters of the student's MPO weights
+    aligned_mpo_params: int  # core parameters of the weights that have an aligned partner
+    aligned_core_params: int  # parameters of the aligned cores themselves (auxiliary by default)
+    unaligned: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def aligned_param_share(self) -> float:
+        return self.aligned_mpo_params / self.mpo_params if self.mpo_params else 0.0
+
+    def summary(self) -> str:
+        return (f'OPDF alignment coverage: {self.aligned_weights}/{self.mpo_weights} MPO weights aligned '
+                f'({100.0 * self.aligned_param_share:.1f} % of the MPO parameters; '
+                f'{self.aligned_core_params} parameters in aligned cores)')
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'mpo_weights': self.mpo_weights, 'aligned_weights': self.aligned_weights,
+                'mpo_params': self.mpo_params, 'aligned_mpo_params': self.aligned_mpo_params,
+                'aligned_param_share': self.aligned_param_share, 'aligned_core_params': self.aligned_core_params,
+                'unaligned': {name: why for name, why in self.unaligned}}
+
+
+def _as_info(entry) -> LayerInfo:
+    return LayerInfo(entry.name, entry.kind, tuple(entry.matrix_shape))
+
+
+def pair_layers(student: Sequence[ProbeEntry], teacher: Sequence[LayerInfo], cores='auxiliary',
+                layer_map=None, expected: Sequence[str] = ()) -> tuple[list[AlignedPair], AlignmentCoverage]:
+    """Decide which student MPO layers align with which teacher layers, and on which cores.
+
+    Args:
+        student: the student's layers; those with a ``plan`` are MPO weights (tensors are not read).
+        teacher: the teacher's layers (names, kinds, matrix shapes).
+        cores, layer_map: see :class:`CoreAligner`.
+        expected: names of every MPO weight of the student; those missing from ``student`` are
+            reported as unaligned (never called in this pass).
+
+    Returns ``(pairs, coverage)``; raises :class:`MatchError` when no layer aligns.
+    """
+    mpo_layers = [e for e in student if e.plan is not None]
+    if not mpo_layers:
+        raise MatchError('the student reports no MPO layers: build it with the opdf_student model key '
+                         '(or call overparameterize) before using the alignment loss')
+    teacher_by_name = {t.name: t for t in teacher}
+    s_info = [_as_info(e) for e in mpo_layers]
+    if layer_map is not None:
+        mapping = explicit_match(layer_map, s_info, list(teacher))
+    elif any(e.partner for e in mpo_layers):
+        mapping = {e.name: e.partner for e in mpo_layers if e.partner in teacher_by_name}
+        rest = [i for i, e in zip(s_info, mpo_layers) if e.partner is None]
+        if rest:  # planned against a teacher: the others had no partner there; try the teacher at hand
+            mapping.update(auto_match(rest, list(teacher)))
+    else:
+        mapping = auto_match(s_info, list(teacher))
+    pairs, unaligned = [], []
+    aligned_mpo, aligned_cores = 0, 0
+    for entry in mpo_layers:
+        t_name = mapping.get(entry.name)
+        if t_name is None:
+            unaligned.append((entry.name, 'no teacher layer of the same role'))
+            continue
+        t_layer = teacher_by_name[t_name]
+        t_plan = planning.teacher_plan(entry.plan, t_layer.shape)
+        if t_plan is None:
+            unaligned.append((entry.name, f'{t_name} is {t_layer.shape[0]}x{t_layer.shape[1]}: not divisible by '
+                                          f'the non-central factors of {entry.plan.describe()} (plan the student with '
+                                          f'mpo.align_to the teacher)'))
+            continue
+        idx = _select_cores(cores, entry.plan.num_cores, entry.plan.central)
+        s_shapes, t_shapes = entry.plan.core_shapes, t_plan.core_shapes
+        bad = [k for k in idx if s_shapes[k] != t_shapes[k]]
+        if bad or not idx:
+            unaligned.append((entry.name, f'{t_name}: core shapes differ at {bad} ({[s_shapes[k] for k in bad]} vs '
+                                          f'{[t_shapes[k] for k in bad]}); plan the student with mpo.align_to the '
+                                          f'teacher' if bad else 'no core selected'))
+            continue
+        pairs.append(AlignedPair(entry.name, t_name, t_plan, idx))
+        aligned_mpo += entry.plan.num_params
+        aligned_cores += sum(math.prod(s_shapes[k]) for k in idx)
+    reported = {e.name for e in mpo_layers}
+    unaligned += [(name, NOT_REPORTED) for name in expected if name not in reported]
+    coverage = AlignmentCoverage(len(mpo_layers) + sum(1 for n in expected if n not in reported), len(pairs),
+                                 sum(e.plan.num_params for e in mpo_layers), aligned_mpo, aligned_cores, unaligned)
+    if not pairs:
+        raise MatchError(
+            'no student MPO layer can be aligned with a teacher layer: '
+            + '; '.join(f'{s}: {why}' for s, why in unaligned)
+            + f'. Teacher layers: {[t.name for t in teacher]}. Give layer_map, or plan the student '
+              f'with mpo.align_to so widths line up')
+    return pairs, coverage
+
+
+def pairing_table(pairs: Sequence[AlignedPair], coverage: AlignmentCoverage) -> str:
+    rows = [[p.student, p.teacher, p.teacher_plan.describe(), ','.join(map(str, p.cores))] for p in pairs]
+    rows += [[s, '-', why, '-'] for s, why in coverage.unaligned]
+    return format_table(['student', 'teacher', 'teacher factors', 'aligned cores'], rows)
+
+
+def _random_like(matrix: Tensor, name: str, seed: int) -> Tensor:
+    """A Gaussian matrix with ``matrix``'s shape and Frobenius norm, seeded by (seed, layer name)."""
+    digest = hashlib.sha256(f'{seed}:{name}'.encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], 'little') & ((1 << 63) - 1))
+    noise = torch.randn(matrix.shape, generator=gen, dtype=torch.float64)
+    return (noise * (matrix.double().norm() / noise.norm())).to(matrix.dtype)
+
+
 class CoreAligner:
     """Matches layers once, caches teacher targets, and computes :math:`L_{aux}`.
 
@@ -82,73 +210,54 @@ class CoreAligner:
         layer_map: explicit ``{student: teacher}`` pairs or ``[[regex, replacement], ...]`` rules;
             default: the partners planned with ``align_to`` if any, else automatic matching
             (same role, relative depth, see :mod:`opdf_torchdistill.matching`).
+        reduction: ``'relative'`` (default) or ``'paper'`` (see the module docstring).
+        targets: ``'teacher'`` (default) or ``'random'`` (control), with ``targets_seed``.
     """
 
-    def __init__(self, cores='auxiliary', layer_map=None):
+    def __init__(self, cores='auxiliary', layer_map=None, reduction='relative', targets='teacher', targets_seed=0):
         if not (cores in CORE_CHOICES or (isinstance(cores, (list, tuple)) and cores and
                                           all(isinstance(k, int) and not isinstance(k, bool) for k in cores))):
             raise ValueError(f'cores must be one of {list(CORE_CHOICES)} or a non-empty list of core indices, got {cores!r}')
         if layer_map is not None and not isinstance(layer_map, (Mapping, list, tuple)):
             raise ValueError(f'layer_map must be a mapping of student -> teacher names or a list of '
                              f'[regex, replacement] rules, got {type(layer_map).__name__}')
+        if reduction not in REDUCTIONS:
+            raise ValueError(f'reduction must be one of {list(REDUCTIONS)}, got {reduction!r}')
+        if targets not in TARGET_CHOICES:
+            raise ValueError(f'targets must be one of {list(TARGET_CHOICES)}, got {targets!r}')
+        if isinstance(targets_seed, bool) or not isinstance(targets_seed, int):
+            raise ValueError(f'targets_seed must be an integer, got {targets_seed!r}')
         self.cores = cores
         self.layer_map = layer_map
+        self.reduction = reduction
+        self.target_source = targets
+        self.targets_seed = targets_seed
         self._pairs_key = None
         self.pairs: list[AlignedPair] = []
-        self.unmatched: list[tuple[str, str]] = []
+        self.coverage: AlignmentCoverage | None = None
         self._targets: dict[str, tuple[tuple, tuple[Tensor, ...]]] = {}
+
+    @property
+    def unmatched(self) -> list[tuple[str, str]]:
+        return [] if self.coverage is None else self.coverage.unaligned
 
     # -- matching -------------------------------------------------------------------------------
     def match(self, student: Mapping[str, ProbeEntry], teacher: Mapping[str, ProbeEntry]) -> list[AlignedPair]:
-        key = (tuple(student), tuple(teacher))
+        expected = tuple(getattr(student, 'expected', ()))
+        key = (tuple(student), tuple(teacher), expected)
         if key == self._pairs_key:
             return self.pairs
-        mpo_layers = [e for e in student.values() if e.plan is not None]
-        if not mpo_layers:
-            raise MatchError('the student reports no MPO layers: build it with the opdf_student model key '
-                             '(or call overparameterize) before using the alignment loss')
-        s_info = [LayerInfo(e.name, e.kind, e.matrix_shape) for e in mpo_layers]
-        t_info = [LayerInfo(e.name, e.kind, e.matrix_shape) for e in teacher.values()]
-        if self.layer_map is not None:
-            mapping = explicit_match(self.layer_map, s_info, t_info)
-        elif any(e.partner for e in mpo_layers):
-            mapping = {e.name: e.partner for e in mpo_layers if e.partner in teacher}
-        else:
-            mapping = auto_match(s_info, t_info)
-        pairs, unmatched = [], []
-        for entry in mpo_layers:
-            t_name = mapping.get(entry.name)
-            if t_name is None:
-                unmatched.append((entry.name, 'no teacher layer of the same role'))
-                continue
-            t_entry = teacher[t_name]
-            t_plan = planning.teacher_plan(entry.plan, t_entry.matrix_shape)
-            if t_plan is None:
-                unmatched.append((entry.name, f'{t_name} is {t_entry.matrix_shape[0]}x{t_entry.matrix_shape[1]}: '
-                                              f'not divisible by the non-central factors of {entry.plan.describe()}'))
-                continue
-            idx = _select_cores(self.cores, entry.plan.num_cores, entry.plan.central)
-            s_shapes, t_shapes = entry.plan.core_shapes, t_plan.core_shapes
-            bad = [k for k in idx if s_shapes[k] != t_shapes[k]]
-            if bad or not idx:
-                unmatched.append((entry.name, f'{t_name}: core shapes differ at {bad} ({[s_shapes[k] for k in bad]} vs '
-                                              f'{[t_shapes[k] for k in bad]})' if bad else 'no core selected'))
-                continue
-            pairs.append(AlignedPair(entry.name, t_name, t_plan, idx))
-        if not pairs:
-            raise MatchError(
-                'no student MPO layer can be aligned with a teacher layer: '
-                + '; '.join(f'{s}: {why}' for s, why in unmatched)
-                + f'. Teacher layers: {[e.name for e in teacher.values()]}. Give layer_map, or plan the student '
-                  f'with mpo.align_to so widths line up')
-        self.pairs, self.unmatched, self._pairs_key = pairs, unmatched, key
-        logger.info('OPDF alignment (%d pairs, cores=%s):\n%s', len(pairs), self.cores, self.table())
+        pairs, coverage = pair_layers(list(student.values()), [_as_info(e) for e in teacher.values()],
+                                      self.cores, self.layer_map, expected)
+        self.pairs, self.coverage, self._pairs_key = pairs, coverage, key
+        logger.info('%s (cores=%s, reduction=%s, targets=%s):\n%s', coverage.summary(), self.cores, self.reduction,
+                    self.target_source, self.table())
+        for name, why in coverage.unaligned:
+            logger.warning('OPDF: student weight %s is over-parameterized but not aligned: %s', name, why)
         return pairs
 
     def table(self) -> str:
-        rows = [[p.student, p.teacher, p.teacher_plan.describe(), ','.join(map(str, p.cores))] for p in self.pairs]
-        rows += [[s, '-', why, '-'] for s, why in self.unmatched]
-        return format_table(['student', 'teacher', 'teacher factors', 'aligned cores'], rows)
+        return pairing_table(self.pairs, self.coverage) if self.coverage is not None else ''
 
     # -- targets ----------------------------------------------------------------------------------
     def _refresh_targets(self, pairs: Sequence[AlignedPair], teacher: Mapping[str, ProbeEntry]) -> None:
@@ -162,13 +271,16 @@ class CoreAligner:
         if not stale:
             return
         with torch.no_grad():
-            jobs = [(t_entry.matrix().detach(), pair.teacher_plan.row_factors, pair.teacher_plan.col_factors,
-                     pair.teacher_plan.max_bond) for pair, t_entry, _ in stale]
+            matrices = [t_entry.matrix().detach() for _, t_entry, _ in stale]
+            if self.target_source == 'random':
+                matrices = [_random_like(m, pair.teacher, self.targets_seed) for m, (pair, _, _) in zip(matrices, stale)]
+            jobs = [(m, pair.teacher_plan.row_factors, pair.teacher_plan.col_factors, pair.teacher_plan.max_bond)
+                    for m, (pair, _, _) in zip(matrices, stale)]
         for (pair, _, key), cores in zip(stale, mpo.decompose_many(jobs)):
             self._targets[pair.student] = (key, tuple(cores))
 
     def targets(self, pair: AlignedPair) -> tuple[Tensor, ...]:
-        """The teacher's cores for a pair (all of them, in the teacher's dtype/device)."""
+        """The target cores for a pair (all of them, in the teacher's dtype/device)."""
         return self._targets[pair.student][1]
 
     # -- loss ---------------------------------------------------------------------------------------
@@ -181,5 +293,15 @@ class CoreAligner:
             t_cores = self.targets(pair)
             for k in pair.cores:
                 target = t_cores[k].to(device=s_cores[k].device, dtype=s_cores[k].dtype)
-                terms.append(F.mse_loss(s_cores[k], target))
-        return torch.stack(terms).mean()
+                if self.reduction == 'paper':
+                    terms.append(F.mse_loss(s_cores[k], target))
+                else:
+                    # The teacher core's norm is a constant; clamp so an all-zero target cannot divide by 0.
+                    scale = target.detach().pow(2).sum().clamp_min(torch.finfo(target.dtype).tiny)
+                    terms.append((s_cores[k] - target).pow(2).sum() / scale)
+        for report in (student, teacher):
+            consume = getattr(report, 'consume', None)
+            if consume is not None:
+                consume()
+        stacked = torch.stack(terms)
+        return stacked.mean() if self.reduction == 'paper' else stacked.sum()

@@ -1,38 +1,174 @@
-"""Atomic file output: a checkpoint, export or record is either complete or absent, never half-written.
+"""Checkpoint input and atomic file output.
 
-Everything is written to a hidden temporary file (``.<name>.<random>.tmp``) in the destination
-directory, flushed to disk, then renamed over the destination (``os.replace`` is atomic on POSIX and
-Windows within one filesystem). An exception removes the temporary file; a process killed outright
-(SIGKILL, power loss) can leave it behind, never a partial destination, and the next write to the
-same destination removes it.
+Input: :func:`load_checkpoint` reads every checkpoint the project loads with
+``torch.load(..., weights_only=True)``: tensors and plain Python data only, so a file whose unpickling
+would run code is refused (naming the file and the offending objects) instead of executed. A user who
+knows a file's origin opts in for that one file (``trusted=True``; ``--trust_checkpoint FILE`` on the
+command line).
+
+Output: a checkpoint, export or record is either complete or absent, never half-written. Everything is
+written to a hidden temporary file (``.<name>.<host>.<pid>.<random>.tmp``) in the destination directory,
+flushed to disk, given the permissions of the user's umask, then renamed over the destination
+(``os.replace`` is atomic on POSIX and Windows within one filesystem). An exception removes the
+temporary file; a process killed outright (SIGKILL, power loss) can leave it behind, never a partial
+destination, and a later write to the same destination removes it once its writer is gone (a dead
+PID on this host; on another host, a day without change), so concurrent writers never lose theirs.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import re
+import socket
 import tempfile
+import threading
+import time
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterable
 
 import torch
 
-__all__ = ['atomic_write', 'atomic_torch_save', 'atomic_write_text', 'atomic_write_json']
+__all__ = ['atomic_write', 'atomic_torch_save', 'atomic_write_text', 'atomic_write_json', 'load_checkpoint',
+           'is_trusted', 'CheckpointError', 'UnsafeCheckpointError']
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints safely
+# ----------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, or not a PyTorch checkpoint (the message names it)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that cannot be read as plain data: loading it would run code from the file."""
+
+
+def is_trusted(path: str | os.PathLike, trusted: Iterable[str | os.PathLike] | None) -> bool:
+    """Whether ``path`` is one of the files the user trusted (paths compared after resolving them)."""
+    if not trusted:
+        return False
+    target = Path(path).expanduser().resolve()
+    return any(Path(t).expanduser().resolve() == target for t in trusted)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - only for the message; the refusal does not depend on it
+        return []
+
+
+def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = 'cpu') -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        UnsafeCheckpointError: the file holds pickled objects other than tensors and plain data (it could
+            run code when loaded); nothing from it was executed. ``trusted=True`` loads it anyway.
+        CheckpointError: the file is truncated, empty or not a PyTorch checkpoint.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such checkpoint file')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if 'weights_only' not in str(exc) and 'Weights only' not in str(exc):
+            raise CheckpointError(f'{path}: cannot read the checkpoint ({exc}); the file may be truncated or '
+                                  f'not a PyTorch checkpoint') from None
+        if not trusted:
+            found = _unsafe_globals(path)
+            what = f'it references {found}' if found else str(exc).strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f'{path}: refusing to load this checkpoint: it is not plain tensor data ({what}), and unpickling '
+                f'it could run code from the file. If you know where it comes from, pass --trust_checkpoint '
+                f'{path} (or load_checkpoint(..., trusted=True)); better, re-save its tensors as a plain '
+                f'state_dict') from None
+        logger.warning('%s: loading a checkpoint that is not plain data, because it was trusted explicitly', path)
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError) as exc:
+        raise CheckpointError(f'{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); the file is '
+                              f'truncated, empty or not a PyTorch checkpoint') from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic output
+# ----------------------------------------------------------------------------------------------
+_HOST = re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:40] or 'host'
+_STALE_OTHER_HOST_S = 24 * 3600
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _umask_lock:  # os.umask can only be read by setting it
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _sweep_stale(path: Path) -> None:
+    """Remove temporary files of killed writers to ``path``; never one a live writer is filling."""
+    pattern = re.compile(rf'^\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[^.]+\.tmp$')
+    now = time.time()
+    for stale in path.parent.glob(f'.{_glob_escape(path.name)}.*.tmp'):
+        m = pattern.match(stale.name)
+        if m is None:
+            continue
+        try:
+            age = now - stale.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if m.group('pid') is None:
+            dead = age > 3600  # old-style name (no writer id): only when long untouched
+        elif m.group('host') == _HOST:
+            dead = int(m.group('pid')) != os.getpid() and not _pid_alive(int(m.group('pid')))
+        else:
+            dead = age > _STALE_OTHER_HOST_S  # a PID on another machine cannot be checked
+        if dead:
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _glob_escape(name: str) -> str:
+    return re.sub(r'([*?\[])', r'[\1]', name)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f'.{path.name}.*.tmp'):  # left by a writer that was killed
-        try:
-            stale.unlink()
-        except FileNotFoundError:
-            pass
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    _sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{_HOST}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
+            if hasattr(os, 'fchmod'):  # POSIX: mkstemp makes 0600; outputs follow the umask
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

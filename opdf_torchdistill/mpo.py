@@ -124,7 +124,19 @@ def central_index(num_cores: int) -> int:
 # Decomposition
 # ----------------------------------------------------------------------------------------------
 _THREAD_LOCK = threading.Lock()
-_FORCE_SVD = False  # benchmarks flip this to measure the SVD-only path
+_FORCE_SVD = False  # set only through svd_only()
+
+
+@contextlib.contextmanager
+def svd_only():
+    """Inside this block every decomposition uses SVDs, also where the eigendecomposition path applies
+    (benchmarks compare the two; the results agree to round-off)."""
+    global _FORCE_SVD
+    previous, _FORCE_SVD = _FORCE_SVD, True
+    try:
+        yield
+    finally:
+        _FORCE_SVD = previous
 
 
 @contextlib.contextmanager

@@ -10,7 +10,13 @@ Every option is a keyword argument of ``overparameterize`` and a key of the ``mp
 ``types``          module kinds to use: ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``,
                    ``MultiheadAttention`` (subclasses included). Default: all.
 ``min_numel``      skip weights with fewer elements. Default 0.
-``num_factors``    real factors per side. Default 2 (``W = A D.. B``).
+``num_factors``    real factors per side, 1 to 8. Default 2 (``W = A D.. B``).
+``factor_order``   ``'paper'`` (default): rows and columns factored the same way, largest first, as
+                   in the paper (768 = 32 x 1^L x 24 on both sides; ratio 1 + 0.5625 (L + 1) for
+                   768 x 768). ``'largest_bond'``: factors permuted for the largest bonds (768 x 768:
+                   32 x 24 | 24 x 32, ratio 1 + (L + 1)).
+``selection``      a named selection (``include``/``exclude``/``types`` presets) from
+                   :mod:`opdf_torchdistill.selections`, e.g. ``'bert'``; explicit keys refine it.
 ``num_dummy``      OPDF's scale ``L``: size-1 factor pairs inserted in the middle, each adding an
                    ``r x r`` core initialised to the identity. Default 1.
 ``target_ratio``   whole-model ratio of parameters while training to the plain model's; the planner
@@ -39,7 +45,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .layers import SUPPORTED_TYPES
+from .weight_sites import SUPPORTED_TYPES
+from .planning import FACTOR_ORDERS
 
 __all__ = ['MPOConfig', 'OptionError', 'FREEZE_CHOICES', 'OVERRIDE_KEYS']
 
@@ -79,6 +86,20 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _expand_selection(options: dict) -> dict:
+    """``selection: NAME`` -> its ``include``/``exclude``/``types`` unless those are given explicitly."""
+    from .selections import NAMED_SELECTIONS
+    name = options['selection']
+    if not isinstance(name, str) or name not in NAMED_SELECTIONS:
+        raise OptionError(f'selection must be one of {sorted(NAMED_SELECTIONS)}, got {name!r}'
+                          f'{_suggest(str(name), NAMED_SELECTIONS)}')
+    merged = dict(options)
+    for key, value in NAMED_SELECTIONS[name].items():
+        if merged.get(key) in (None, (), []):
+            merged[key] = value
+    return merged
+
+
 @dataclass
 class MPOConfig:
     include: tuple[str, ...] = ()
@@ -86,6 +107,8 @@ class MPOConfig:
     types: tuple[str, ...] = tuple(SUPPORTED_TYPES)
     min_numel: int = 0
     num_factors: int = 2
+    factor_order: str = 'paper'
+    selection: str | None = None
     num_dummy: int | None = None
     target_ratio: float | None = None
     max_bond: int | None = None
@@ -98,6 +121,7 @@ class MPOConfig:
     workers: int | None = None
 
     DEFAULT_NUM_DUMMY = 1
+    MAX_NUM_FACTORS = 8  # beyond this every extra factor is a 1 (dimensions of 2^8 and less) or planning explodes
 
     @classmethod
     def from_options(cls, config: 'MPOConfig | Mapping[str, Any] | None' = None, **options: Any) -> 'MPOConfig':
@@ -113,7 +137,9 @@ class MPOConfig:
         valid = [f.name for f in fields(cls)]
         for key in merged:
             if key not in valid:
-                raise OptionError(f'unknown MPO option {key!r}{_suggest(key, valid)}; valid options: {", ".join(valid)}')
+                raise OptionError(f'unknown MPO option {key!r}{_suggest(str(key), valid)}; valid options: {", ".join(valid)}')
+        if merged.get('selection') is not None:
+            merged = _expand_selection(merged)
         cfg = cls(**merged)
         cfg._validate()
         return cfg
@@ -131,6 +157,12 @@ class MPOConfig:
         self.types = tuple(types)
         _int('min_numel', self.min_numel, 0)
         _int('num_factors', self.num_factors, 1)
+        if self.num_factors > self.MAX_NUM_FACTORS:
+            raise OptionError(f'num_factors must be at most {self.MAX_NUM_FACTORS}, got {self.num_factors} '
+                              f'(more real factors only add size-1 factors; use num_dummy for scale)')
+        if self.factor_order not in FACTOR_ORDERS:
+            raise OptionError(f'factor_order must be one of {list(FACTOR_ORDERS)}, got {self.factor_order!r}'
+                              f'{_suggest(str(self.factor_order), FACTOR_ORDERS)}')
         _int('num_dummy', self.num_dummy, 0, allow_none=True)
         _int('max_bond', self.max_bond, 1, allow_none=True)
         _int('workers', self.workers, 1, allow_none=True)
@@ -174,6 +206,9 @@ class MPOConfig:
                 _int(f'overrides[{pattern!r}].num_dummy', spec['num_dummy'], 0)
             if 'num_factors' in spec:
                 _int(f'overrides[{pattern!r}].num_factors', spec['num_factors'], 1)
+                if spec['num_factors'] > self.MAX_NUM_FACTORS:
+                    raise OptionError(f'overrides[{pattern!r}].num_factors must be at most {self.MAX_NUM_FACTORS}, '
+                                      f'got {spec["num_factors"]}')
             if 'max_bond' in spec:
                 _int(f'overrides[{pattern!r}].max_bond', spec['max_bond'], 1, allow_none=True)
             if 'skip' in spec and not isinstance(spec['skip'], bool):

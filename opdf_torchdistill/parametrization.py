@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import mpo
-from .layers import WeightSite, to_matrix
+from .weight_sites import WeightSite, to_matrix
 from .planning import MPOPlan
 
 __all__ = ['MPOWeight', 'set_caching']

@@ -2,10 +2,12 @@
 
 Pure integer arithmetic on shapes (no tensors). The planner answers three questions:
 
-* :func:`balanced_plan` - the default: ``num_factors`` balanced real factors per side, ordered so the
-  bonds are as large as possible, plus ``num_dummy`` size-1 factor pairs in the middle (OPDF's scale
-  ``L``). With two real factors, ``W (I x J)`` becomes ``A D_1 .. D_L B`` with ``r x r`` dummies and
-  ``r = min(i_1 j_1, i_2 j_2)``; the layer then holds ``IJ + (L + 1) r^2`` parameters.
+* :func:`balanced_plan` - the default: ``num_factors`` balanced real factors per side, rows and
+  columns in the same (non-increasing) order as in the paper (768 = 32 x 1^L x 24 on both sides), plus
+  ``num_dummy`` size-1 factor pairs in the middle (OPDF's scale ``L``). With two real factors,
+  ``W (I x J)`` becomes ``A D_1 .. D_L B`` with ``r x r`` dummies and ``r = min(i_1 j_1, i_2 j_2)``;
+  the layer then holds ``IJ + (L + 1) r^2`` parameters (768 x 768: ``r = 576``, ratio
+  ``1 + 0.5625 (L + 1)``). ``order='largest_bond'`` permutes factors for the largest bonds instead.
 * :func:`plan_target_ratio` - pick ``r`` per layer so the whole model reaches a target parameter ratio.
 * :func:`teacher_plan` / :func:`aligned_plans` - for a student/teacher pair of different widths, the
   teacher takes the student's factors except the central pair, which absorbs the width difference.
@@ -28,7 +30,7 @@ from . import mpo
 from .mpo import MPOError
 
 __all__ = [
-    'MPOPlan', 'divisors', 'balanced_factors', 'insert_dummies', 'balanced_plan', 'bond_options',
+    'MPOPlan', 'FACTOR_ORDERS', 'divisors', 'balanced_factors', 'insert_dummies', 'balanced_plan', 'bond_options',
     'plan_for_bond', 'plan_target_ratio', 'teacher_plan', 'is_splittable', 'aligned_plans', 'explicit_plan', 'auxiliary_compatible',
 ]
 
@@ -161,22 +163,27 @@ def _check_splittable(shape: Sequence[int]) -> None:
         raise MPOError(f'a {shape[0]}x{shape[1]} matrix has no non-trivial MPO split (I*J = {size})')
 
 
-def balanced_plan(shape: Sequence[int], num_factors: int = 2, num_dummy: int = 1,
-                  max_bond: int | None = None) -> MPOPlan:
-    """Balanced real factors per side, ordered for the largest bonds, then dummies in the middle."""
-    if num_factors < 1:
-        raise MPOError(f'num_factors must be >= 1, got {num_factors}')
-    if num_dummy < 0:
-        raise MPOError(f'num_dummy must be >= 0, got {num_dummy}')
-    _check_splittable(shape)
-    row_f = balanced_factors(int(shape[0]), num_factors)
-    col_f = balanced_factors(int(shape[1]), num_factors)
+FACTOR_ORDERS = ('paper', 'largest_bond')
+
+#: With more real factors than this, ``largest_bond`` stops searching permutations (n!^2 of them).
+_MAX_PERMUTED_FACTORS = 4
+
+
+def _trivial_end(rows: Sequence[int], cols: Sequence[int]) -> bool:
+    """An end core of size 1 x 1 holds a single scalar: it adds nothing but a redundant scale."""
+    return len(rows) >= 2 and (rows[0] * cols[0] == 1 or rows[-1] * cols[-1] == 1)
+
+
+def _largest_bond_order(row_f: tuple[int, ...], col_f: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    n = len(row_f)
+    if n > _MAX_PERMUTED_FACTORS:
+        return row_f, tuple(reversed(col_f))  # the usual winner; the full search would take n!^2 steps
     best = None
     for rows in sorted(set(itertools.permutations(row_f)), reverse=True):
         for cols in sorted(set(itertools.permutations(col_f)), reverse=True):
+            if _trivial_end(rows, cols):
+                continue
             x = [i * j for i, j in zip(rows, cols)]
-            if num_factors >= 2 and (x[0] == 1 or x[-1] == 1):
-                continue  # a trivial end core adds nothing but a scalar
             bonds = mpo.bond_dims(rows, cols)
             wide = all(p * p <= math.prod(x) for p in itertools.accumulate(x[:-1], lambda a, b: a * b))
             # Largest bonds; then balanced end cores; then wide unfoldings (the faster, exact-by-
@@ -184,9 +191,34 @@ def balanced_plan(shape: Sequence[int], num_factors: int = 2, num_dummy: int = 1
             key = (sum(math.log(b) for b in bonds), -abs(math.log(x[0] / x[-1])), wide)
             if best is None or key > best[0]:
                 best = (key, rows, cols)
-    if best is None:  # e.g. (1, p) with p prime handled above; fall back to the plain order
-        best = (None, row_f, col_f)
-    rows, cols = insert_dummies(best[1], best[2], num_dummy)
+    return None if best is None else (best[1], best[2])
+
+
+def balanced_plan(shape: Sequence[int], num_factors: int = 2, num_dummy: int = 1,
+                  max_bond: int | None = None, order: str = 'paper') -> MPOPlan:
+    """Balanced real factors per side, then ``num_dummy`` dummy pairs in the middle.
+
+    ``order='paper'`` (default) factors rows and columns the same way, largest factor first on both
+    sides, as the paper does (768 = 32 x 1^L x 24 for rows and columns): a 768 x 768 weight gets bond
+    576 and ratio ``1 + 0.5625 (L + 1)``. ``order='largest_bond'`` permutes the factors for the largest
+    bonds instead (768 x 768: 32 x 24 | 24 x 32, bond 768, ratio ``1 + (L + 1)``): more parameters at the
+    same ``L``, and a different model from the paper's.
+    """
+    if num_factors < 1:
+        raise MPOError(f'num_factors must be >= 1, got {num_factors}')
+    if num_dummy < 0:
+        raise MPOError(f'num_dummy must be >= 0, got {num_dummy}')
+    if order not in FACTOR_ORDERS:
+        raise MPOError(f'factor order must be one of {list(FACTOR_ORDERS)}, got {order!r}')
+    _check_splittable(shape)
+    row_f = balanced_factors(int(shape[0]), num_factors)
+    col_f = balanced_factors(int(shape[1]), num_factors)
+    chosen = None
+    if order == 'paper' and not _trivial_end(row_f, col_f):
+        chosen = (row_f, col_f)
+    if chosen is None:  # largest_bond, or a paper order whose end core would be a 1 x 1 scalar
+        chosen = _largest_bond_order(row_f, col_f) or (row_f, col_f)
+    rows, cols = insert_dummies(chosen[0], chosen[1], num_dummy)
     return MPOPlan(rows, cols, max_bond)
 
 
@@ -331,13 +363,17 @@ def aligned_plans(student_shape: Sequence[int], teacher_shape: Sequence[int],
     """Three-real-factor plans ``(a, c, b)`` for a student and a teacher of different widths whose
     auxiliary cores (everything but the central ``c`` core) have identical shapes.
 
-    Among all ``a * b`` dividing both dimensions on each side, pick the largest auxiliary bonds
-    ``d_1 d_2`` (more over-parameterization), then the most balanced split. A student central pair
+    Among all ``a * b`` dividing both dimensions on each side, pick the plan whose parameter count is
+    closest to the paper's plan of the same matrix at the same ``L`` (so planning against a teacher
+    does not change the scale), then the largest auxiliary bonds ``d_1 d_2``, then the most balanced
+    split. A student central pair
     ``(1, 1)`` is already an identity core, so it counts as one of the ``num_dummy`` dummies.
     ``None`` if no such split exists.
     """
     s_rows, s_cols = int(student_shape[0]), int(student_shape[1])
     t_rows, t_cols = int(teacher_shape[0]), int(teacher_shape[1])
+    target_params = balanced_plan((s_rows, s_cols), 2, num_dummy).num_params if is_splittable((s_rows, s_cols)) \
+        else s_rows * s_cols * 2
     g_rows, g_cols = math.gcd(s_rows, t_rows), math.gcd(s_cols, t_cols)
     row_pairs = [(a, b) for a in divisors(g_rows) for b in divisors(g_rows // a)]
     col_pairs = [(a, b) for a in divisors(g_cols) for b in divisors(g_cols // a)]
@@ -353,7 +389,10 @@ def aligned_plans(student_shape: Sequence[int], teacher_shape: Sequence[int],
             if not auxiliary_compatible(s_plan, t_plan):
                 continue
             d = s_plan.bonds
-            key = (d[1] * d[-2], -abs(math.log(a / b)) - abs(math.log(a2 / b2)), a, a2)
+            # Closest to the scale the paper's plan gives this matrix at the same L; then the largest
+            # auxiliary bonds; then the most balanced split.
+            scale = -abs(math.log(s_plan.num_params / target_params))
+            key = (round(scale, 9), d[1] * d[-2], -abs(math.log(a / b)) - abs(math.log(a2 / b2)), a, a2)
             if best is None or key > best[0]:
                 best = (key, s_plan, t_plan)
     return None if best is None else (best[1], best[2])

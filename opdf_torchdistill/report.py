@@ -1,27 +1,14 @@
 """What ``overparameterize`` did: one row per weight, the skipped modules, and whole-model totals."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .planning import MPOPlan
+from .tables import format_table
 
-__all__ = ['LayerRow', 'SkippedLayer', 'OverparamReport', 'format_table']
-
-
-def format_table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
-    """Plain-text table; ``align`` is one ``l``/``r`` per column (default: numbers right)."""
-    cells = [[str(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    if align is None:
-        align = ''.join('r' if rows and isinstance(rows[0][i], (int, float)) else 'l' for i in range(len(headers)))
-
-    def line(values: list[str]) -> str:
-        return '  '.join(v.rjust(w) if a == 'r' else v.ljust(w) for v, w, a in zip(values, widths, align)).rstrip()
-
-    return '\n'.join([line(headers), line(['-' * w for w in widths])] + [line(r) for r in cells])
+__all__ = ['LayerRow', 'SkippedLayer', 'OverparamReport']
 
 
 def _count(n: float) -> str:
@@ -41,6 +28,7 @@ class LayerRow:
     frozen: tuple[int, ...] = ()
     partner: str | None = None
     error: float | None = None
+    kind: str = ''  # the matching kind (Linear, Conv2d, MultiheadAttention, ...)
 
     @property
     def params_after(self) -> int:
@@ -145,5 +133,3 @@ class OverparamReport:
             'contraction_flops': self.contraction_flops, 'applied': self.applied, 'seconds': self.seconds,
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)

@@ -22,14 +22,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import mpo, planning
-from .layers import WeightSite, classify_module, to_matrix
+from .weight_sites import WeightSite, classify_module, to_matrix
 from .matching import LayerInfo, auto_match, explicit_match
 from .options import MPOConfig, OptionError
 from .parametrization import MPOWeight
 from .planning import MPOPlan
 from .report import LayerRow, OverparamReport, SkippedLayer
 
-__all__ = ['overparameterize', 'plan', 'contract', 'mpo_modules', 'is_overparameterized', 'clear_caches',
+__all__ = ['overparameterize', 'plan', 'plan_alignment', 'contract', 'mpo_modules', 'mpo_cores', 'core_name',
+           'core_state_keys', 'CORE_TAG', 'is_overparameterized', 'clear_caches',
            'weight_sites']
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,31 @@ def mpo_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, MPOWeig
             p = _mpo_of(module, tensor_name)
             if p is not None:
                 yield name, module, tensor_name, p
+
+
+#: Attribute set on every core Parameter, ``(num_cores, num_dummy)``: how ``OPDFOptimizer`` finds cores
+#: among plain parameters (``copy.deepcopy`` drops it; the optimizer re-tags a module it is given).
+CORE_TAG = '_opdf_core'
+
+
+def core_name(k: int) -> str:
+    """``torch.nn.utils.parametrize`` names the tensors a parametrization's ``right_inverse`` returns
+    ``original0..N`` (``<module>.parametrizations.<tensor>.original<k>`` in a state_dict)."""
+    return f'original{k}'
+
+
+def core_state_keys(prefix: str, tensor_name: str, num_cores: int) -> list[str]:
+    """The state_dict keys of a module's MPO cores (``prefix`` is the module path plus a dot, or '')."""
+    return [f'{prefix}parametrizations.{tensor_name}.{core_name(k)}' for k in range(num_cores)]
+
+
+def mpo_cores(module: nn.Module, tensor_name: str = 'weight') -> tuple[Tensor, ...]:
+    """The live cores (Parameters, or buffers when frozen) of one MPO weight, in chain order."""
+    mpo = _mpo_of(module, tensor_name)
+    if mpo is None:
+        raise ValueError(f'{type(module).__name__}.{tensor_name} is not an MPO weight')
+    plist = module.parametrizations[tensor_name]
+    return tuple(getattr(plist, core_name(k)) for k in range(mpo.plan.num_cores))
 
 
 def is_overparameterized(model: nn.Module) -> bool:
@@ -143,7 +169,7 @@ def _plan_one(site: WeightSite, cfg: MPOConfig, override: Mapping[str, Any]) -> 
     if 'rows' in override:
         return planning.explicit_plan(site.matrix_shape, override['rows'], override['cols'], max_bond)
     return planning.balanced_plan(site.matrix_shape, override.get('num_factors', cfg.num_factors),
-                                  override.get('num_dummy', cfg.effective_num_dummy), max_bond)
+                                  override.get('num_dummy', cfg.effective_num_dummy), max_bond, cfg.factor_order)
 
 
 def _plan(selected, cfg: MPOConfig, model_params: int) -> tuple[list[MPOPlan], list[str | None]]:
@@ -205,7 +231,7 @@ def _build_report(selected, skipped, plans, partners, cfg, model, applied) -> Ov
                              model_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     for (module, site, _), p, partner in zip(selected, plans, partners):
         report.layers.append(LayerRow(site.name, site.module_type, site.weight_shape, p, site.numel,
-                                      _frozen_indices(cfg, p), partner))
+                                      _frozen_indices(cfg, p), partner, kind=site.kind))
     return report
 
 
@@ -216,6 +242,16 @@ def plan(model: nn.Module, config: MPOConfig | Mapping[str, Any] | None = None, 
     model_params = sum(p.numel() for p in model.parameters())
     plans, partners = _plan(selected, cfg, model_params)
     return _build_report(selected, skipped, plans, partners, cfg, model, applied=False)
+
+
+def plan_alignment(report: OverparamReport, teacher: nn.Module, cores='auxiliary', layer_map=None):
+    """Which of a planned (or applied) student's MPO weights the alignment loss would align with
+    ``teacher``, without any forward pass or SVD: ``(pairs, coverage)`` as in
+    :func:`~opdf_torchdistill.alignment.pair_layers` (``teacher`` may live on the meta device)."""
+    from .alignment import ProbeEntry, pair_layers
+    student = [ProbeEntry(r.name, r.kind, r.plan.shape, (), r.plan, r.partner) for r in report.layers]
+    teacher_layers = [LayerInfo(s.name, s.kind, s.matrix_shape) for _, s in weight_sites(teacher)[0]]
+    return pair_layers(student, teacher_layers, cores, layer_map)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +275,9 @@ def overparameterize(model: nn.Module, config: MPOConfig | Mapping[str, Any] | N
     """
     start = time.perf_counter()
     cfg = MPOConfig.from_options(config, **options)
+    _check_materialized(model)
     selected, skipped = _select(model, cfg)
+    _check_untied(model, selected)
     model_params = sum(p.numel() for p in model.parameters())
     plans, partners = _plan(selected, cfg, model_params)
     report = _build_report(selected, skipped, plans, partners, cfg, model, applied=True)
@@ -267,6 +305,45 @@ def overparameterize(model: nn.Module, config: MPOConfig | Mapping[str, Any] | N
     return report
 
 
+def _check_materialized(model: nn.Module) -> None:
+    """Lazy modules before their first forward and meta-device weights have no values to decompose."""
+    for name, module in model.named_modules():
+        if _is_internal(name):
+            continue
+        for tensor_name, param in module._parameters.items():
+            if param is None:
+                continue
+            where = f'{name}.{tensor_name}' if name else tensor_name
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                raise OptionError(f'{where} ({type(module).__name__}) is not initialised yet (a lazy module): run one '
+                                  f'forward pass with a real input before overparameterize, or give its sizes')
+            if param.device.type == 'meta':
+                raise OptionError(f'{where} ({type(module).__name__}) is on the meta device (shapes only, no '
+                                  f'values): materialise the model (to_empty() and load its weights) before '
+                                  f'overparameterize; plan() works on meta models')
+
+
+def _check_untied(model: nn.Module, selected) -> None:
+    """A Parameter shared by two modules (tied embedding/decoder, weight sharing) would become two
+    independent MPOs and silently untie: refuse, naming both modules."""
+    owners: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _is_internal(name):
+            continue
+        for tensor_name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), {}).setdefault(id(module), (name, tensor_name))
+    for module, site, _ in selected:
+        paths = owners.get(id(module._parameters[site.tensor_name]), {})
+        if len(paths) > 1:
+            full = {k: f'{n}.{t}' if n else t for k, (n, t) in paths.items()}
+            others = [p for k, p in full.items() if k != id(module)]
+            patterns = [f'^{re.escape(n)}$' for n, _ in paths.values()]
+            raise OptionError(f'{full[id(module)]} is the same Parameter as {", ".join(others)} (tied weights); '
+                              f'separate MPOs would untie them. Leave them dense with exclude: {patterns}, or untie '
+                              f'them in the model first')
+
+
 def _register(module: nn.Module, site: WeightSite, p: MPOPlan, cores: list[Tensor], frozen: tuple[int, ...],
               partner: str | None) -> None:
     weight = module._parameters[site.tensor_name]
@@ -278,11 +355,11 @@ def _register(module: nn.Module, site: WeightSite, p: MPOPlan, cores: list[Tenso
     parametrize.register_parametrization(module, site.tensor_name, param, unsafe=True)
     plist = module.parametrizations[site.tensor_name]
     for k in range(p.num_cores):
-        core = getattr(plist, f'original{k}')
-        setattr(core, '_opdf_core', (p.num_cores, p.num_dummy))  # lets OPDFOptimizer find the cores
+        core = getattr(plist, core_name(k))
+        setattr(core, CORE_TAG, (p.num_cores, p.num_dummy))
     for k in frozen:
-        core = plist._parameters.pop(f'original{k}')
-        plist.register_buffer(f'original{k}', core.detach())
+        core = plist._parameters.pop(core_name(k))
+        plist.register_buffer(core_name(k), core.detach())
     if not any(isinstance(h, _DenseCheckpointHook) for h in _pre_hooks(module)):
         module.register_load_state_dict_pre_hook(_DenseCheckpointHook())
 
@@ -331,10 +408,6 @@ def contract(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Dense checkpoints
 # ----------------------------------------------------------------------------------------------
-def _core_keys(prefix: str, tensor_name: str, n: int) -> list[str]:
-    return [f'{prefix}parametrizations.{tensor_name}.original{k}' for k in range(n)]
-
-
 class _DenseCheckpointHook:
     """Per-module load pre-hook: decompose a dense weight found in the state_dict into this module's
     cores, and refuse MPO cores whose shapes do not match this model's plan (naming the layer)."""
@@ -346,7 +419,7 @@ class _DenseCheckpointHook:
             p = _mpo_of(module, tensor_name)
             if p is None:
                 continue
-            keys = _core_keys(prefix, tensor_name, p.plan.num_cores)
+            keys = core_state_keys(prefix, tensor_name, p.plan.num_cores)
             dense_key = prefix + tensor_name
             if dense_key in state_dict:
                 if any(k in state_dict for k in keys):
@@ -373,6 +446,10 @@ def _check_core_shapes(state_dict, prefix: str, tensor_name: str, p: MPOWeight) 
             f'{prefix.rstrip(".") or p.site.module_name}: checkpoint MPO cores {[found[k] for k in sorted(found)]} do not '
             f'match this model\'s cores {list(p.plan.core_shapes)} (factors {p.plan.describe()}); build the model '
             f'with the same mpo options as the checkpoint, or load a contracted (dense) checkpoint')
+    bad = [f'{base}{k}' for k in sorted(found) if not bool(torch.isfinite(state_dict[f'{base}{k}']).all())]
+    if bad:
+        raise mpo.MPOError(f'{prefix.rstrip(".") or p.site.module_name}: checkpoint MPO cores contain NaN or Inf '
+                           f'({", ".join(bad)}); the checkpoint comes from a diverged run: load an earlier one')
 
 
 class _RootDenseCheckpointHook:
@@ -386,7 +463,7 @@ class _RootDenseCheckpointHook:
             dense_key = sub_prefix + tensor_name
             dense = state_dict.get(dense_key)
             if dense is None or tuple(dense.shape) != p.site.weight_shape or \
-                    any(k in state_dict for k in _core_keys(sub_prefix, tensor_name, 1)):
+                    any(k in state_dict for k in core_state_keys(sub_prefix, tensor_name, 1)):
                 continue  # left to the per-module hook, which reports problems by name
             if not bool(torch.isfinite(dense).all()):
                 raise mpo.MPOError(f'{dense_key}: checkpoint weight contains NaN or Inf; cannot decompose it')
@@ -396,7 +473,7 @@ class _RootDenseCheckpointHook:
             return
         for (dense_key, sub_prefix, tensor_name, p), cores in zip(targets, mpo.decompose_many(jobs)):
             del state_dict[dense_key]
-            for key, core in zip(_core_keys(sub_prefix, tensor_name, p.plan.num_cores), cores):
+            for key, core in zip(core_state_keys(sub_prefix, tensor_name, p.plan.num_cores), cores):
                 state_dict[key] = core
 
 

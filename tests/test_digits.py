@@ -71,7 +71,7 @@ def test_main_job_prints_the_comparison_table(tmp_path):
 
 
 # -- the ablation runner on a fake run -----------------------------------------------------------
-def _fake_execute(config, seed, overrides, workdir, device, isolate):
+def _fake_execute(config, seed, overrides, workdir, device, isolate, *rest):
     lr = overrides.get('lr', 0.1)
     base = {'a': 90.0, 'b': 91.0}[config.split('/')[-1].split('.')[0]]
     acc = base + seed * 0.5 - abs(math.log10(lr) + 1)  # best at lr 0.1
@@ -86,7 +86,10 @@ def test_ablation_runner_resumes_and_aggregates(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ablate, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
     out = tmp_path / 'runs.jsonl'
-    args = ['run', '--configs', 'x/a.yaml', 'x/b.yaml', '--seeds', '0', '1', '2', '--grid', 'lr=0.01,0.1,1.0',
+    for name in ('a', 'b'):  # record keys hash the resolved config, so the configs must exist
+        (tmp_path / f'{name}.yaml').write_text(f'lr: 0.1\nmodels: {{model: {{key: {name}}}}}\n')
+    a, b = str(tmp_path / 'a.yaml'), str(tmp_path / 'b.yaml')
+    args = ['run', '--configs', a, b, '--seeds', '0', '1', '2', '--grid', 'lr=0.01,0.1,1.0',
             '--out', str(out), '--tune', 'lr', '--baseline', 'a', '--plots', str(tmp_path / 'plots'), '--lr_key', 'lr']
     assert ablate.main(args) == 0
     assert len(calls) == 18 and len(ablate.load_records(out)) == 18

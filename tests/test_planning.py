@@ -27,9 +27,13 @@ def test_insert_dummies_keeps_central_meaningful():
     assert p.row_factors[p.central] == 3  # the real central factor stays the central core
 
 
-def test_balanced_plan_maximises_the_bond_and_handles_small_shapes():
+def test_balanced_plan_factors_like_the_paper_or_for_the_largest_bond_and_handles_small_shapes():
     p = planning.balanced_plan((768, 768), num_dummy=1)
-    assert p.bonds == (1, 768, 768, 1) and p.num_dummy == 1 and p.central == 1
+    assert p.bonds == (1, 576, 576, 1) and p.num_dummy == 1 and p.central == 1  # 32x1x24 | 32x1x24
+    p = planning.balanced_plan((768, 768), num_dummy=1, order='largest_bond')
+    assert p.bonds == (1, 768, 768, 1) and p.num_dummy == 1 and p.central == 1  # 32x1x24 | 24x1x32
+    with pytest.raises(MPOError, match='factor order must be one of'):
+        planning.balanced_plan((768, 768), order='random')
     assert planning.balanced_plan((10, 512)).num_params > 10 * 512
     assert planning.balanced_plan((16, 9), num_factors=2, num_dummy=0).num_cores == 2
     with pytest.raises(MPOError, match='no non-trivial'):

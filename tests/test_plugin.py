@@ -62,7 +62,7 @@ def _probe_outputs(student, teacher, x):
     student(x)
     with torch.no_grad():
         teacher(x)
-    return {'opdf': {'output': student.opdf._view}}, {'opdf': {'output': teacher.opdf._view}}
+    return {'opdf': {'output': student.opdf.entries}}, {'opdf': {'output': teacher.opdf.entries}}
 
 
 def test_alignment_loss_zero_for_identical_positive_otherwise_and_trains_the_student():
@@ -126,7 +126,7 @@ def test_alignment_errors_are_clear():
         AuxTensorAlignmentLoss()(*_probe_outputs(plain, other, x))
     student = get_model('opdf_student', base='resnet20', num_classes=10)
     with pytest.raises(KeyError, match="add auxiliary_model_wrapper: {key: 'opdf_probe'}"):
-        AuxTensorAlignmentLoss()({'opdf': {'output': student.opdf._view}}, {})
+        AuxTensorAlignmentLoss()({'opdf': {'output': student.opdf.entries}}, {})
     unrelated = torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
     unrelated(x)
     attach_probe(unrelated)
@@ -159,10 +159,15 @@ def test_runner_kd_opdf_end_to_end_with_export(tmp_path):
     out = _run([ROOT / 'tools' / 'train.py', '--config', CONFIGS / 'kd_opdf_fake.yaml', '--device', 'cpu',
                 '--seed', '1', '--metrics_json', tmp_path / 'm.json', '--run_log', tmp_path / 'run.log',
                 '--set', f'models.student_model.dst_ckpt={tmp_path}/student.pt'], cwd=tmp_path)
-    assert 'weights over-parameterized' in out and 'OPDF alignment (22 pairs' in out
+    assert 'weights over-parameterized' in out and 'OPDF alignment coverage: 22/22' in out
     assert 'loaded the best student checkpoint' in out
     metrics = json.loads((tmp_path / 'm.json').read_text())
     assert metrics['train_params'] > metrics['inference_params'] and 'test' in metrics
+    # the first step's gradient norm of each weighted term on the aligned auxiliary cores, and the coverage
+    assert set(metrics['grad_norms']) == {'kd', 'opdf', 'weight_decay'} and metrics['cores'] == 'aligned auxiliary cores'
+    assert metrics['grad_norms']['opdf'] > 1e-3 * metrics['grad_norms']['kd'] > 0
+    assert (metrics['alignment']['aligned_weights'], metrics['alignment']['mpo_weights']) == (22, 22)
+    assert 'gradient norm of each weighted loss term' in out
     assert (tmp_path / 'student.pt').exists() and (tmp_path / 'student.last.pt').exists()
     assert 'Test [student' in (tmp_path / 'run.log').read_text()
     # -test_only builds a fresh MPO student and reloads the checkpoint strictly.
@@ -186,8 +191,9 @@ def test_runner_fitnet_sequential_stages(tmp_path):
     out = _run([ROOT / 'tools' / 'train.py', '--config', CONFIGS / 'fitnet_opdf_fake.yaml', '--device', 'cpu',
                 '--seed', '1', '--set', f'models.student_model.dst_ckpt={tmp_path}/fitnet.pt'], cwd=tmp_path)
     assert 'Redesigning the student model' in out
-    assert 'OPDF alignment (14 pairs' in out  # stage 1: the layers up to layer2
-    assert 'OPDF alignment (22 pairs' in out  # stage 2: the whole model
+    assert 'OPDF alignment coverage: 14/22' in out  # stage 1: the layers up to layer2 ...
+    assert out.count('never called in this pass') >= 8  # ... and a warning for each layer it does not run
+    assert 'OPDF alignment coverage: 22/22' in out  # stage 2: the whole model
     assert 'Advanced to stage 2' in out and 'loaded the best student checkpoint' in out
 
 
@@ -196,7 +202,7 @@ def test_ddp_two_processes_keep_identical_cores(tmp_path, freeze, port):
     _run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
           ROOT / 'tests' / 'ddp_worker.py', tmp_path / 'ddp', '--config', CONFIGS / 'kd_opdf_fake.yaml',
           '--device', 'cpu', '--seed', '1', '--set', f'models.student_model.dst_ckpt={tmp_path}/ddp.pt',
-          '--set', f'models.student_model.kwargs.mpo.freeze={freeze}'], cwd=tmp_path)
+          '--set', f'+models.student_model.kwargs.mpo.freeze={freeze}'], cwd=tmp_path)
     rank0 = torch.load(tmp_path / 'ddp.rank0.pt')
     rank1 = torch.load(tmp_path / 'ddp.rank1.pt')
     assert rank0.keys() == rank1.keys()

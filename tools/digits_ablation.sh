@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The digits ablation behind the README's tables and plots (about 30 minutes on 2 CPU cores).
-# Resumable: re-running skips every run already recorded in runs/ablation/*.jsonl.
+# Resumable: re-running skips every run already recorded in runs/ablation/*.jsonl (record keys hash the
+# resolved configs and versions, so records written before that, or before a config edit, train again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="0 1 2 3 4 5 6 7 8 9"
@@ -24,7 +25,7 @@ python tools/ablate.py run --configs $D/kd.yaml $D/kd_mpo.yaml $D/kd_opdf.yaml -
   --set train.num_epochs=60 --set train.scheduler.kwargs.T_max=60 --grid $LR=0.05,0.1,0.2,0.4,0.8 \
   --out $OUT/digits_d.jsonl --threads 1
 python tools/ablate.py run --configs $D/kd_mpo.yaml $D/kd_opdf.yaml --seeds $SEEDS --set train.optimizer.key=OPDFOptimizer \
-  --set train.optimizer.kwargs.base=SGD --set train.optimizer.kwargs.core_lr_scale=auto --grid $LR=0.1,0.2,0.4,0.8 \
+  --set +train.optimizer.kwargs.base=SGD --set +train.optimizer.kwargs.core_lr_scale=auto --grid $LR=0.1,0.2,0.4,0.8 \
   --out $OUT/digits_e.jsonl --threads 1
 
 ORDER="student_ce kd kd_svd kd_mpo kd_opdf at at_opdf"

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write_json
-from ..report import format_table
+from ..tables import format_table
 
 __all__ = ['main']
 
@@ -176,7 +177,7 @@ def _make_step(kind: str, scale: dict | None, size: int, batch: int, device: tor
         loss = 0.5 * F.cross_entropy(s_out, y) + 0.5 * 16 * F.kl_div(
             F.log_softmax(s_out / 4, 1), F.softmax(t_out / 4, 1), reduction='batchmean')
         if aligner is not None:
-            loss = loss + 1e-3 * aligner.loss(student.opdf._view, teacher.opdf._view)
+            loss = loss + 1e-3 * aligner.loss(student.opdf.entries, teacher.opdf.entries)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -426,16 +427,13 @@ def bench_levers(args, device: torch.device) -> list[dict]:
                      'median': time.perf_counter() - start, 'min': None, 'max': None, 'n': 1})
     # 2b. Decomposition path: eigendecomposition of M M^T for wide unfoldings vs SVDs everywhere.
     for force_svd in (True, False):
-        mpo._FORCE_SVD = force_svd
-        try:
+        with mpo.svd_only() if force_svd else contextlib.nullcontext():
             for name in ('resnet50', 'transformer6'):
                 model = build(name)
                 start = time.perf_counter()
                 overparameterize(model)
                 rows.append({'lever': f'decomposition of {name}', 'setting': 'SVD only' if force_svd else 'eigh for wide unfoldings',
                              'median': time.perf_counter() - start, 'min': None, 'max': None, 'n': 1})
-        finally:
-            mpo._FORCE_SVD = False
     # 3. Caching: eval forward (validation) and a module called twice per training step.
     torch.manual_seed(0)
     model = build('resnet18').to(device)

@@ -1,23 +1,34 @@
 """Shared pieces of the command-line programs: config loading, model building, devices, logging."""
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Iterable, Sequence
 
 import torch
 import yaml
 from torch import distributed as dist
 from torchdistill.common import yaml_util
-from torchdistill.common.main_util import import_dependencies, load_ckpt
+from torchdistill.common.main_util import import_dependencies
+from torchdistill.common.module_util import load_full_state_dict
 from torchdistill.misc.log import set_basic_log_config, setup_log_file
 from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 
-__all__ = ['setup_logging', 'load_config', 'apply_overrides', 'build_model', 'init_distributed', 'is_main_process',
-           'student_config_of']
+from ..io import is_trusted, load_checkpoint
+
+__all__ = ['setup_logging', 'load_config', 'config_snapshot', 'config_differences', 'apply_overrides', 'parse_value',
+           'build_model', 'load_model_checkpoint',
+           'safe_torchdistill_loads', 'init_distributed', 'is_main_process', 'student_config_of', 'ConfigError']
 
 logger = logging.getLogger('opdf_torchdistill.cli')
+
+
+class ConfigError(ValueError):
+    """A config file or ``--set`` override that cannot be used as given (the message says why and where)."""
 
 
 def setup_logging(run_log: str | None = None) -> None:
@@ -33,58 +44,247 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+# ----------------------------------------------------------------------------------------------
+# --set overrides
+# ----------------------------------------------------------------------------------------------
+class _ValueLoader(yaml.SafeLoader):
+    """YAML 1.1 safe loading, except that ``1e-3`` / ``5E4`` are floats (PyYAML needs a dot: ``1.0e-3``)."""
+
+
+_ValueLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$''', re.X),
+    list('-+0123456789.'))
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value as YAML parses it (safe tags only), with ``1e-3`` a float."""
+    return yaml.load(raw, Loader=_ValueLoader)
+
+
+def _did_you_mean(key: str, choices: Iterable[Any]) -> str:
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f'; did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
+    return f'{hint} (keys there: {sorted(names)})'
+
+
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``dotted.path=value`` overrides (values parsed as YAML) to a loaded config, in place."""
+    """Apply ``dotted.path=value`` overrides (values parsed as YAML) to a loaded config, in place.
+
+    Every key on the path must exist (a typo is an error with a did-you-mean); ``+dotted.path=value``
+    adds a key that the config does not have yet (its parent must exist). List items are addressed by
+    index (``train.stage1.x.0=...``).
+    """
     for item in overrides or ():
         if '=' not in item:
-            raise ValueError(f'override {item!r} must look like dotted.path=value')
+            raise ConfigError(f'--set {item!r} must look like dotted.path=value')
         path, raw = item.split('=', 1)
-        value = yaml.safe_load(raw)
-        keys = path.split('.')
+        add = path.startswith('+')
+        keys = path.lstrip('+').split('.')
+        if not all(keys):
+            raise ConfigError(f'--set {item!r}: empty key in {path!r}')
+        value = parse_value(raw)
         node: Any = config
-        for depth, key in enumerate(keys[:-1]):
+        for depth, key in enumerate(keys):
+            where = '.'.join(keys[:depth]) or '<top level>'
+            last = depth == len(keys) - 1
             if isinstance(node, list):
-                node = node[int(key)]
+                if not re.fullmatch(r'-?\d+', key) or not -len(node) <= int(key) < len(node):
+                    raise ConfigError(f'--set {item!r}: {where} is a list of {len(node)} items; {key!r} is not an '
+                                      f'index of it')
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
                 continue
             if not isinstance(node, dict):
-                raise ValueError(f'override {item!r}: {".".join(keys[:depth])} is not a mapping')
-            if node.get(key) is None:
-                node[key] = {}
-            node = node[key]
-        if isinstance(node, list):
-            node[int(keys[-1])] = value
-        elif isinstance(node, dict):
-            node[keys[-1]] = value
-        else:
-            raise ValueError(f'override {item!r}: {".".join(keys[:-1])} is not a mapping')
+                raise ConfigError(f'--set {item!r}: {where} is a {type(node).__name__} ({node!r}), not a mapping')
+            if key not in node and not (last and add):
+                extra = '' if not last else f'; to add a new key write --set +{path.lstrip("+")}={raw}'
+                raise ConfigError(f'--set {item!r}: no key {key!r} under {where}{_did_you_mean(key, node)}{extra}')
+            if last:
+                if add and key in node:
+                    raise ConfigError(f'--set {item!r}: {path.lstrip("+")} already exists; drop the "+" to change it')
+                node[key] = value
+            else:
+                if add and depth == len(keys) - 2 and node[key] is None:
+                    node[key] = {}  # an empty section (``kwargs:``) receives its first key
+                node = node[key]
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files
+# ----------------------------------------------------------------------------------------------
+def _check_duplicate_keys(path: str) -> None:
+    """PyYAML keeps the last of two equal keys in a mapping without a word (a pasted ``forward_hook:``
+    block would silently replace the recipe's). Composing builds nodes only: no tag runs."""
+    with open(path, 'r') as fp:
+        try:
+            root = yaml.compose(fp, Loader=yaml.FullLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f'{path}: not valid YAML: {exc}') from None
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != 'tag:yaml.org,2002:merge':
+                    ident = (key.tag, key.value)
+                    if ident in first:
+                        raise ConfigError(
+                            f'{path}:{key.start_mark.line + 1}: duplicate key {key.value!r} (first at line '
+                            f'{first[ident]}); YAML would silently keep only the last one: merge the two entries')
+                    first[ident] = key.start_mark.line + 1
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+class _TagRecordingLoader(yaml.SafeLoader):
+    """Loads a torchdistill YAML as plain data: a tagged node ``!import_call {...}`` becomes
+    ``{'!import_call': {...}}`` (nothing is imported or called)."""
+
+
+def _construct_tagged(loader, tag_suffix, node):
+    if isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return {'!' + tag_suffix: value}
+
+
+_TagRecordingLoader.add_multi_constructor('!', _construct_tagged)
+
+
+def config_snapshot(path: str, overrides: Sequence[str] = ()) -> dict:
+    """The config file with its overrides as plain data (tags recorded, not run): what a resume
+    checkpoint stores to tell whether the config changed."""
+    with open(os.path.expanduser(path), 'r') as fp:
+        snapshot = yaml.load(fp, Loader=_TagRecordingLoader)
+    return apply_overrides(snapshot, overrides)
+
+
+def config_differences(old: Any, new: Any, prefix: str = '') -> list[str]:
+    """``key: old -> new`` lines for every leaf that differs between two plain configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f'{prefix}.{key}' if prefix else str(key)
+            if key not in new:
+                lines.append(f'{where}: {old[key]!r} -> (removed)')
+            elif key not in old:
+                lines.append(f'{where}: (absent) -> {new[key]!r}')
+            else:
+                lines.extend(config_differences(old[key], new[key], where))
+        return lines
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for k, (a, b) in enumerate(zip(old, new)) for line in config_differences(a, b, f'{prefix}.{k}')]
+    return [] if old == new else [f'{prefix or "<config>"}: {old!r} -> {new!r}']
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> dict:
     """Load a torchdistill YAML (``!import_call`` etc.), apply overrides, import its dependencies.
 
     ``opdf_torchdistill`` is always imported, so configs work with or without ``dependencies:``.
+    Duplicate mapping keys are refused (file, line and key named).
     """
-    config = yaml_util.load_yaml_file(os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such config file')
+    _check_duplicate_keys(path)
+    config = yaml_util.load_yaml_file(path)
     if not isinstance(config, dict):
-        raise ValueError(f'{path}: a config must be a mapping, got {type(config).__name__}')
+        raise ConfigError(f'{path}: a config must be a mapping, got {type(config).__name__}')
     apply_overrides(config, overrides)
     import_dependencies(config.get('dependencies', None))
     import opdf_torchdistill  # noqa: F401  (registers the plugin's components)
     return config
 
 
-def build_model(model_config: dict, device: torch.device, distributed: bool = False, load_src: bool = True):
-    """Build ``models.<name>`` like torchdistill: torchvision first, then its registry; then ``src_ckpt``."""
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and models
+# ----------------------------------------------------------------------------------------------
+def load_model_checkpoint(model: torch.nn.Module, src: str, what: str, trust: Iterable[str] = (),
+                          strict: bool = True) -> None:
+    """Load ``src`` (a file, or an http(s) URL as torchdistill allows) into ``model`` like torchdistill's
+    ``load_ckpt``, but read as plain data (``weights_only=True``) and with a missing file an error
+    naming ``what`` (e.g. ``models.teacher_model.src_ckpt``) instead of an INFO line and random weights."""
+    if isinstance(src, str) and src.startswith(('https://', 'http://')):
+        trusted = src in set(trust or ())
+        try:
+            ckpt = torch.hub.load_state_dict_from_url(src, map_location='cpu', progress=True, weights_only=not trusted)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the key and the URL
+            raise RuntimeError(f'{what}: cannot load {src}: {exc} (if the file is not plain tensor data and you '
+                               f'trust it, pass --trust_checkpoint {src})') from None
+    else:
+        path = os.path.expanduser(src)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{what}: checkpoint {path!r} does not exist (absolute: '
+                                    f'{os.path.abspath(path)}); fix the path, or remove {what} to start from '
+                                    f'the model\'s own initial weights')
+        ckpt = load_checkpoint(path, trusted=is_trusted(path, trust))
+    if isinstance(ckpt, dict) and 'model' in ckpt:
+        ckpt = ckpt['model']
+    if not isinstance(ckpt, dict):
+        raise TypeError(f'{what}: {src} holds a {type(ckpt).__name__}, not a state_dict (or {{"model": state_dict}})')
+    load_full_state_dict(model, ckpt, strict=strict)
+    logger.info('%s: loaded %s (weights_only, strict=%s)', what, src, strict)
+
+
+@contextlib.contextmanager
+def safe_torchdistill_loads(trust: Iterable[str] = ()):
+    """While building torchdistill's training/distillation box, route its stage-level ``src_ckpt`` loads
+    (``train[.stageN].{teacher,student,model}.src_ckpt``) through :func:`load_model_checkpoint`:
+    torchdistill's ``load_ckpt`` unpickles with ``weights_only=False`` and ignores missing files."""
+    from torchdistill.core import distillation, training
+    trust = tuple(trust or ())
+
+    def safe_load_ckpt(ckpt_file_path, model=None, optimizer=None, lr_scheduler=None, strict=True):
+        if optimizer is not None or lr_scheduler is not None or model is None:
+            raise NotImplementedError('opdf_torchdistill: only model src_ckpt loads are supported here')
+        load_model_checkpoint(model, ckpt_file_path, f'train: src_ckpt {ckpt_file_path!r}', trust, strict)
+        return None, None
+
+    saved = distillation.load_ckpt, training.load_ckpt
+    distillation.load_ckpt = training.load_ckpt = safe_load_ckpt
+    try:
+        yield
+    finally:
+        distillation.load_ckpt, training.load_ckpt = saved
+
+
+def build_model(model_config: dict, device: torch.device, distributed: bool = False, load_src: bool = True,
+                name: str = 'model', trust: Iterable[str] = ()):
+    """Build ``models.<name>`` like torchdistill: torchvision first, then its registry; then ``src_ckpt``
+    (read as plain data; a file named there that does not exist is an error)."""
     model_config.setdefault('kwargs', {})
     if model_config['kwargs'] is None:
         model_config['kwargs'] = {}
+    src = model_config.get('src_ckpt', None)
+    what = f'models.{name}.src_ckpt'
+    if load_src and src is not None and not str(src).startswith(('https://', 'http://')) \
+            and not os.path.isfile(os.path.expanduser(src)):  # before building: fail fast
+        raise FileNotFoundError(f'{what}: checkpoint {src!r} does not exist (absolute: '
+                                f'{os.path.abspath(os.path.expanduser(src))}); fix the path, or remove {what} to '
+                                f'start from the model\'s own initial weights')
     model = get_image_classification_model(model_config, distributed)
     if model is None:
         model = get_model(model_config['key'], model_config.get('repo_or_dir', None), **model_config['kwargs'])
-    src = model_config.get('src_ckpt', None)
     if load_src and src is not None:
-        load_ckpt(os.path.expanduser(src), model=model, strict=True)
+        load_model_checkpoint(model, src, what, trust)
     return model.to(device)
 
 

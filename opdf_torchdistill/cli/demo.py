@@ -1,14 +1,20 @@
 """The main job: OPDF end to end on real embedded data (scikit-learn's handwritten digits).
 
-1. trains the teacher (``configs/digits/teacher.yaml``), or reuses its checkpoint;
+1. trains the teacher (the shipped recipe ``digits/teacher``), or reuses its checkpoint;
 2. trains the student alone, with KD, and with KD + OPDF (MPO over-parameterization + alignment);
 3. contracts and exports the OPDF student to the plain architecture and checks that the exported
    model, built without this package, reproduces the test accuracy;
 4. prints a comparison table: accuracy, parameters while training and at inference, latency.
 
+The recipes ship inside the package (:mod:`opdf_torchdistill.recipes`; ``configs/digits/`` in a
+checkout), so ``opdf-demo`` runs from an installed wheel in any folder; it writes checkpoints and the
+exported student under ``--out`` (default ``./runs/digits``, relative to the working directory).
+Needs the ``demo`` extra (scikit-learn, which ships the digits images).
+
 Example::
 
     python tools/digits_demo.py            # about a minute on 2 CPU cores
+    opdf-demo --out /tmp/digits --epochs 2 # a quick check that everything runs
 """
 from __future__ import annotations
 
@@ -23,7 +29,10 @@ import torch
 
 __all__ = ['main']
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / 'configs' / 'digits'
+from ..recipes import ROOT as RECIPES
+
+DEFAULT_CONFIGS = RECIPES / 'digits'
+NEEDED = ('teacher', 'student_ce', 'kd', 'kd_opdf')  # the recipes (<name>.yaml) the demo runs
 
 
 def _step(number: int, total: int, text: str) -> None:
@@ -44,22 +53,49 @@ def _latency_ms(model, x: torch.Tensor, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def _train(config: Path, seed: int, device: str, out_dir: Path, name: str):
+def _epoch_overrides(config: Path, epochs: int | None) -> list[str]:
+    """``--set`` items that shorten a recipe to ``epochs`` (its cosine schedule's ``T_max`` too, so the
+    shortened run still ends at the lowest rate)."""
+    if epochs is None:
+        return []
+    from .common import load_config
+    train = load_config(str(config))['train']
+    items = [f'train.num_epochs={epochs}']
+    if 'T_max' in ((train.get('scheduler') or {}).get('kwargs') or {}):
+        items.append(f'train.scheduler.kwargs.T_max={epochs}')
+    return items
+
+
+def _train(config: Path, seed: int, device: str, out_dir: Path, name: str, epochs: int | None = None):
     """Run one config through the runner, with its checkpoints (and the teacher's) under ``out_dir``."""
     from .train import get_parser, run
     key = 'model' if name in ('teacher', 'student_ce') else 'student_model'
     argv = ['--config', str(config), '--device', device, '--seed', str(seed), '--dst_ckpt', str(out_dir / f'{name}.pt')]
     if key == 'student_model':
         argv += ['--set', f'models.teacher_model.src_ckpt={out_dir / "teacher.pt"}']
+    for item in _epoch_overrides(config, epochs):
+        argv += ['--set', item]
     start = time.perf_counter()
     metrics, student, teacher = run(get_parser().parse_args(argv))
     return metrics, student, teacher, time.perf_counter() - start
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='OPDF on the embedded digits data: teacher, KD, KD+OPDF, export')
-    p.add_argument('--out', default='runs/digits', help='directory for checkpoints and the exported student')
-    p.add_argument('--configs', default=str(REPO_CONFIGS), help='directory with the digits configs')
+    p.add_argument('--out', default='runs/digits',
+                   help='directory for checkpoints and the exported student (relative to the working directory)')
+    p.add_argument('--configs', default=str(DEFAULT_CONFIGS),
+                   help=f'directory with {", ".join(n + ".yaml" for n in NEEDED)} (default: the shipped recipes)')
+    p.add_argument('--epochs', type=_positive_int, metavar='N',
+                   help="train every model for N epochs instead of the recipes' num_epochs (a quick check; "
+                        'accuracies drop)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, help='torch intra-op threads')
@@ -75,12 +111,18 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format='%(asctime)s\t%(levelname)s\t%(name)s\t%(message)s')
     from ..plugin.models import build_base_model
-    from ..report import format_table
+    from ..tables import format_table
     from ..data import Digits
     from .common import load_config
     from .export import export_student
+    from ..io import load_checkpoint
 
     configs, out = Path(args.configs), Path(args.out)
+    missing = [f'{name}.yaml' for name in NEEDED if not (configs / f'{name}.yaml').is_file()]
+    if missing:
+        print(f'error: --configs {configs}: missing {", ".join(missing)} (the demo runs '
+              f'{", ".join(n + ".yaml" for n in NEEDED)}; the shipped ones are in {DEFAULT_CONFIGS})', file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     total = 6
     rows, start = [], time.perf_counter()
@@ -91,16 +133,17 @@ def main(argv=None) -> int:
     if teacher_ckpt.exists() and not args.retrain_teacher:
         _step(1, total, f'teacher: reusing {teacher_ckpt}')
         teacher = build_base_model('digits_cnn', widths=[32, 64, 64], num_classes=10)
-        teacher.load_state_dict(torch.load(teacher_ckpt, weights_only=False)['model'], strict=True)
+        teacher.load_state_dict(load_checkpoint(teacher_ckpt)['model'], strict=True)
         teacher_seconds = None
     else:
         _step(1, total, 'teacher: training digits_cnn (32, 64, 64) with cross-entropy ...')
-        _, teacher, _, teacher_seconds = _train(configs / 'teacher.yaml', args.seed, args.device, out, 'teacher')
+        _, teacher, _, teacher_seconds = _train(configs / 'teacher.yaml', args.seed, args.device, out, 'teacher',
+                                                args.epochs)
     results = {}
     for number, (name, label) in enumerate([('student_ce', 'student alone (cross-entropy)'), ('kd', 'student + KD'),
                                             ('kd_opdf', 'student + KD + OPDF')], 2):
         _step(number, total, f'{label}: training digits_cnn (4, 8, 8) ...')
-        metrics, student, _, seconds = _train(configs / f'{name}.yaml', args.seed, args.device, out, name)
+        metrics, student, _, seconds = _train(configs / f'{name}.yaml', args.seed, args.device, out, name, args.epochs)
         results[name] = (metrics, student, seconds)
         print(f'      test acc@1 {metrics["test"]["acc1"]:.2f} %  ({seconds:.1f} s)', flush=True)
         if name == 'kd_opdf':
@@ -111,7 +154,7 @@ def main(argv=None) -> int:
     exported_path = out / 'kd_opdf_exported.pt'
     summary = export_student(config, str(out / 'kd_opdf.pt'), str(exported_path), x_test[:64])
     plain = build_base_model('digits_cnn', widths=[4, 8, 8], num_classes=10)
-    plain.load_state_dict(torch.load(exported_path, weights_only=True), strict=True)
+    plain.load_state_dict(load_checkpoint(exported_path), strict=True)
     plain.eval()
     trained = results['kd_opdf'][1].eval()
     with torch.inference_mode():
@@ -143,8 +186,9 @@ def main(argv=None) -> int:
     print()
     print(format_table(['model', 'test acc@1 (%)', 'training params', 'inference params', 'latency (ms)'], rows,
                        'lrrrr'))
+    short = f" Trained {args.epochs} epoch(s) per model (--epochs), not the recipes' num_epochs." if args.epochs else ''
     print(f'\nseed {args.seed}; digits test split: {len(test)} images; total time {time.perf_counter() - start:.0f} s. '
-          f'One seed is noisy: see the README for the 10-seed ablation.')
+          f'One seed is noisy: see the README for the 10-seed ablation.{short}')
     return 0
 
 

@@ -15,12 +15,17 @@ class AuxTensorAlignmentLoss(nn.Module):
     """OPDF's auxiliary-tensor alignment as a torchdistill loss term (lambda is the sub-term ``weight``).
 
     Reads the probe outputs (``forward_hook: {output: ['opdf']}`` on teacher and student) and returns
-    the mean over matched layers and aligned cores of the MSE between the student's live cores and
-    the teacher's cores in the same factor shapes and gauge (see :mod:`opdf_torchdistill.alignment`).
+    the distance between the student's live cores and the teacher's cores in the same factor shapes
+    and gauge over matched layers and aligned cores (see :mod:`opdf_torchdistill.alignment`).
 
     Args:
         cores: ``'auxiliary'`` (default, all but the central core), ``'all'``, ``'central'`` or indices.
         layer_map: ``{student_layer: teacher_layer}`` or ``[[regex, replacement], ...]``; default automatic.
+        reduction: ``'relative'`` (default: the sum over aligned cores of the squared distance relative to
+            the teacher core's squared norm) or ``'paper'`` (the paper's mean of per-element MSEs;
+            numerically inert on real models).
+        targets: ``'teacher'`` (default) or ``'random'`` (control: random matrices of the teacher
+            weights' shapes and norms), ``targets_seed`` seeds them.
         student_module_path, teacher_module_path, *_module_io: where the probes' outputs are hooked.
 
     .. code-block:: yaml
@@ -32,10 +37,11 @@ class AuxTensorAlignmentLoss(nn.Module):
           weight: 1.0
     """
 
-    def __init__(self, cores='auxiliary', layer_map=None, student_module_path=PROBE_NAME, student_module_io='output',
-                 teacher_module_path=PROBE_NAME, teacher_module_io='output'):
+    def __init__(self, cores='auxiliary', layer_map=None, reduction='relative', targets='teacher', targets_seed=0,
+                 student_module_path=PROBE_NAME, student_module_io='output', teacher_module_path=PROBE_NAME,
+                 teacher_module_io='output'):
         super().__init__()
-        self.aligner = CoreAligner(cores, layer_map)
+        self.aligner = CoreAligner(cores, layer_map, reduction, targets, targets_seed)
         self.student_path, self.student_io = student_module_path, student_module_io
         self.teacher_path, self.teacher_io = teacher_module_path, teacher_module_io
 
@@ -58,4 +64,5 @@ class AuxTensorAlignmentLoss(nn.Module):
         return self.aligner.loss(student, teacher)
 
     def extra_repr(self) -> str:
-        return f'cores={self.aligner.cores!r}, layer_map={self.aligner.layer_map!r}'
+        return (f'cores={self.aligner.cores!r}, layer_map={self.aligner.layer_map!r}, '
+                f'reduction={self.aligner.reduction!r}, targets={self.aligner.target_source!r}')

@@ -40,16 +40,24 @@ def build_base_model(key: str, repo_or_dir: str | None = None, **kwargs: Any) ->
                       f'registry (registered: {registered}); for hub models also give base_repo_or_dir')
 
 
+_MODEL_CONFIG_KEYS = ('key', 'kwargs', 'repo_or_dir', 'src_ckpt', 'dst_ckpt')
+
+
 def _teacher_skeleton(spec: Any) -> nn.Module:
-    """``align_to`` from YAML: ``{key, kwargs, repo_or_dir}`` built on the meta device (shapes only)."""
+    """``align_to`` from YAML: a teacher model config (``{key, kwargs, repo_or_dir}``; a whole
+    ``models.teacher_model`` entry may be given through a YAML alias, its checkpoints are not read)
+    built on the meta device with pretrained weights off: planning needs the shapes only."""
     if isinstance(spec, nn.Module):
         return spec
     if not isinstance(spec, Mapping) or 'key' not in spec:
         raise OptionError(f'mpo.align_to must be a teacher model config with a "key" (and optional "kwargs"), got {spec!r}')
-    unknown = set(spec) - {'key', 'kwargs', 'repo_or_dir'}
+    unknown = {k for k in spec if k not in _MODEL_CONFIG_KEYS and not str(k).startswith('_')}  # _x: YAML anchors
     if unknown:
-        raise OptionError(f'mpo.align_to: unknown keys {sorted(unknown)}; valid keys: key, kwargs, repo_or_dir')
-    kwargs = {k: v for k, v in dict(spec.get('kwargs') or {}).items() if k not in ('weights', 'pretrained')}
+        raise OptionError(f'mpo.align_to: unknown keys {sorted(unknown)}; valid keys: {", ".join(_MODEL_CONFIG_KEYS)}')
+    kwargs = dict(spec.get('kwargs') or {})
+    for name, off in (('weights', None), ('pretrained', False)):
+        if name in kwargs:
+            kwargs[name] = off  # shapes only: never load or download weights for planning
     with torch.device('meta'):
         return build_base_model(spec['key'], spec.get('repo_or_dir'), **kwargs)
 
@@ -69,6 +77,10 @@ def opdf_student(base: str, mpo: Mapping[str, Any] | None = None, base_repo_or_d
             mpo: {num_dummy: 1}
             num_classes: 1000
     """
+    if mpo is not None and not isinstance(mpo, Mapping):
+        raise OptionError(f'opdf_student: mpo must be a mapping of options (e.g. mpo: {{num_dummy: 1}}), got a '
+                          f'{type(mpo).__name__}: {mpo!r}; a YAML list ("- key: value" lines) becomes a list: drop '
+                          f'the dashes')
     model = build_base_model(base, base_repo_or_dir, **kwargs)
     options = dict(mpo or {})
     if options.get('align_to') is not None:

@@ -21,10 +21,10 @@ from torch import nn
 from torchdistill.optim.registry import OPTIM_DICT, register_optimizer
 
 from ..options import OptionError
+from ..surgery import CORE_TAG, mpo_modules
 
 __all__ = ['opdf_optimizer', 'core_lr_factor']
 
-CORE_TAG = '_opdf_core'  # (num_cores, num_dummy), set on every core Parameter by overparameterize
 
 
 def core_lr_factor(param, core_lr_scale) -> float | None:
@@ -53,7 +53,6 @@ def opdf_optimizer(params: Iterable, base: str = 'SGD', core_lr_scale: Any = 'au
     if 'lr' not in kwargs:
         raise OptionError('OPDFOptimizer: give lr (the rate of the plain parameters)')
     if isinstance(params, nn.Module):  # torchdistill passes the module with filters_params: False
-        from ..surgery import mpo_modules
         for _, module, tensor_name, mpo in mpo_modules(params):
             for core in module.parametrizations[tensor_name].parameters():
                 setattr(core, CORE_TAG, (mpo.plan.num_cores, mpo.plan.num_dummy))  # e.g. after a deepcopy

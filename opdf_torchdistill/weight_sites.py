@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-__all__ = ['SUPPORTED_TYPES', 'WeightSite', 'classify_module', 'to_matrix', 'from_matrix', 'original_type']
+__all__ = ['SUPPORTED_TYPES', 'WeightSite', 'classify_module', 'to_matrix']
 
 #: Names accepted by the ``types`` option, mapped to the classes they select (subclasses included).
 SUPPORTED_TYPES: dict[str, type] = {
@@ -59,14 +59,6 @@ class WeightSite:
         return math.prod(self.weight_shape)
 
 
-def original_type(module: nn.Module) -> type:
-    """The user's class of a module, even after ``parametrize`` swapped in its generated subclass."""
-    cls = type(module)
-    if parametrize.is_parametrized(module) and cls.__name__.startswith('Parametrized'):
-        return cls.__bases__[0]
-    return cls
-
-
 def _kind(module: nn.Module) -> str | None:
     for kind in ('MultiheadAttention', 'Conv3d', 'Conv2d', 'Conv1d', 'Linear'):
         if isinstance(module, SUPPORTED_TYPES[kind]):
@@ -81,7 +73,7 @@ def classify_module(module: nn.Module, module_name: str) -> tuple[list[WeightSit
     dimensions (norms, activations, containers) yields nothing.
     """
     kind = _kind(module)
-    type_name = original_type(module).__name__
+    type_name = parametrize.type_before_parametrizations(module).__name__  # the user's class
     if kind == 'MultiheadAttention':
         names = ['in_proj_weight'] if module._qkv_same_embed_dim else ['q_proj_weight', 'k_proj_weight', 'v_proj_weight']
     elif kind is not None:
@@ -112,7 +104,3 @@ def classify_module(module: nn.Module, module_name: str) -> tuple[list[WeightSit
 def to_matrix(weight: Tensor) -> Tensor:
     """``(shape[0], prod(shape[1:]))`` view of a weight (see module docstring)."""
     return weight.reshape(weight.shape[0], -1)
-
-
-def from_matrix(matrix: Tensor, weight_shape: tuple[int, ...]) -> Tensor:
-    return matrix.reshape(weight_shape)

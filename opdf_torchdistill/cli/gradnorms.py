@@ -1,0 +1,93 @@
+"""How hard each loss term of a recipe pulls on the cores OPDF aligns, before spending GPU-days on it.
+
+Builds the recipe's teacher, student and distillation box, runs ONE training step's forward pass and
+prints, per weighted loss term (and weight decay), the gradient norm on the aligned auxiliary cores,
+with the alignment coverage. ``tools/train.py`` logs the same at its first step and records it in
+``--metrics_json``; this tool does it without a training run. ``--miniature`` swaps the recipe's
+ImageFolder/CIFAR datasets for FakeData and drops pretrained weights and checkpoints (random
+teachers: the KD term's scale then differs from a trained teacher's).
+
+Examples::
+
+    python tools/grad_norms.py --config configs/digits/kd_opdf.yaml
+    python tools/grad_norms.py --config configs/ilsvrc2012/opdf-kd-resnet18_from_resnet34.yaml --miniature \\
+        --batch_size 16 --set train.criterion.kwargs.sub_terms.opdf.criterion.kwargs.reduction=paper --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+__all__ = ['main', 'measure', 'get_parser']
+
+logger = logging.getLogger('opdf_torchdistill.gradnorms')
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Gradient norm of each weighted loss term on the aligned auxiliary '
+                                            'cores at one training step of a torchdistill recipe')
+    p.add_argument('--config', required=True, help='YAML config (torchdistill layout) with a teacher')
+    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                   help='override a config value (as tools/train.py)')
+    p.add_argument('--miniature', action='store_true',
+                   help='FakeData instead of the recipe\'s ImageFolder/CIFAR data; no pretrained weights or checkpoints')
+    p.add_argument('--batch_size', type=int, help='training batch size (default: the recipe\'s; 4 with --miniature)')
+    p.add_argument('--seed', type=int, default=0, help='torch seed for model init and data order')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--json', help='write the measurement here')
+    return p
+
+
+def measure(config: dict, device: torch.device, seed: int = 0) -> dict:
+    """One step of ``config``'s first stage; returns :meth:`LossTermGradients.measure`'s result."""
+    from torchdistill.core.distillation import get_distillation_box
+    from ..plugin.diagnostics import LossTermGradients
+    from .common import build_model, student_config_of
+    torch.manual_seed(seed)
+    teacher_config = config['models'].get('teacher_model')
+    if teacher_config is None:
+        raise ValueError('the config has no models.teacher_model: gradient norms compare distillation terms')
+    teacher = build_model(teacher_config, device, False)
+    student = build_model(student_config_of(config), device, False)
+    box = get_distillation_box(teacher, student, config['datasets'], config['train'], device, None, False, 1)
+    box.pre_epoch_process(epoch=0)
+    if not box.teacher_updatable:
+        box.teacher_model.eval()
+    images, targets, supp_dict = next(iter(box.train_data_loader))
+    term_gradients = LossTermGradients(box)
+    box.forward_process(images.to(device), targets.to(device), supp_dict)
+    return term_gradients.measure(student)
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    from .common import apply_overrides, load_config, setup_logging
+    from .miniature import load_miniature
+    setup_logging()
+    try:
+        if args.miniature:
+            batch_size = args.batch_size or 4
+            config = load_miniature(args.config, size=max(8, batch_size), batch_size=batch_size)
+            apply_overrides(config, args.overrides)
+        else:
+            config = load_config(args.config, args.overrides)
+            if args.batch_size:
+                config['train']['train_data_loader']['kwargs']['batch_size'] = args.batch_size
+        result = measure(config, torch.device(args.device), args.seed)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    result.update({'config': args.config, 'overrides': args.overrides, 'miniature': args.miniature, 'seed': args.seed})
+    print(json.dumps({k: result[k] for k in ('grad_norms', 'cores', 'num_cores')}, indent=1))
+    if args.json:
+        from ..io import atomic_write_json
+        atomic_write_json(result, args.json)
+    return 0
+
+
+if __name__ == '__main__':  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The ablation/study runner: record keys, stale records, selection, statistics, byte-exact reports."""
+import io
+import json
+import math
+import re
+import threading
+
+import pytest
+from scipy import stats
+
+from opdf_torchdistill.cli import ablate
+from conftest import ROOT
+
+LR = 'train.optimizer.kwargs.lr'
+LAMBDA = 'train.criterion.kwargs.sub_terms.opdf.weight'
+
+CONFIG = """# a recipe in torchdistill's layout; the tags are never executed by the key
+datasets:
+  &train_id d/train: !import_call
+    key: 'no_such_module.Data'
+    init: {{kwargs: {{split: 'train'}}}}
+models:
+  teacher_model: &teacher {{key: 'tnet', src_ckpt: '{teacher}'}}
+  student_model: {{key: 's', kwargs: {{align_to: *teacher}}, dst_ckpt: './runs/{name}.pt'}}
+train:
+  num_epochs: 3
+  train_data_loader: {{dataset_id: *train_id}}
+  optimizer: {{key: 'SGD', kwargs: {{lr: 0.1, momentum: 0.9}}}}
+  criterion: {{kwargs: {{sub_terms: {{opdf: {{weight: 1.0}}}}}}}}
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    (tmp_path / 'teacher.pt').write_bytes(b'teacher weights v1')
+    for name in ('kd', 'opdf'):
+        (tmp_path / f'{name}.yaml').write_text(CONFIG.format(teacher=tmp_path / 'teacher.pt', name=name))
+    return tmp_path
+
+
+# -- keys and stale records ---------------------------------------------------------------------
+def test_record_key_follows_the_resolved_config(workspace):
+    config = str(workspace / 'kd.yaml')
+    key = ablate.run_key(config, 0)
+    assert ablate.resolved_config(config)['datasets']['d/train']['__tag__'] == '!import_call'  # not executed
+    assert ablate.run_key(config, 0) == key and ablate.run_key(config, 1) != key
+    assert ablate.run_key(config, 0, {LR: 0.2}) != key
+    assert ablate.run_key(config, 0, {LR: 0.1}) == key  # an override equal to the config: the same run
+    assert ablate.run_key(config, 0, name='other') != key and ablate.run_key(config, 0, device='cuda') != key
+    text = (workspace / 'kd.yaml').read_text()
+    (workspace / 'kd.yaml').write_text('# only a comment changed\n' + text.replace('./runs/kd.pt', './elsewhere.pt'))
+    assert ablate.run_key(config, 0) == key  # comments and dst_ckpt do not change what a run computes
+    (workspace / 'kd.yaml').write_text(text.replace('num_epochs: 3', 'num_epochs: 4'))
+    edited = ablate.run_key(config, 0)
+    assert edited != key
+    (workspace / 'teacher.pt').write_bytes(b'teacher weights v2')  # a retrained teacher
+    assert ablate.run_key(config, 0) != edited
+    identity = ablate.run_identity(config, 0)
+    assert identity.inputs == {str(workspace / 'teacher.pt'): ablate._file_sha.__wrapped__(
+        str(workspace / 'teacher.pt'), ())} and set(identity.versions) == {'opdf_torchdistill', 'torchdistill', 'torch'}
+    with pytest.raises(FileNotFoundError, match='nope.yaml does not exist'):
+        ablate.run_key(str(workspace / 'nope.yaml'), 0)
+    with pytest.raises(ValueError, match="no key 'lrr'"):
+        ablate.run_key(config, 0, {'train.optimizer.kwargs.lrr': 0.1})
+
+
+def _fake_execute(config, seed, overrides, workdir, device, isolate, threads=None):
+    """Validation/test accuracy as a known function of the run: kd is best at lr 0.1, opdf at lr 0.05
+    with lambda 1.0; opdf at lr 0.2 has the best validation score but diverges with seed 101."""
+    name = config.rsplit('/', 1)[-1].split('.')[0]
+    lr, lam = overrides.get(LR, 0.1), overrides.get(LAMBDA, 0.0)
+    if name == 'opdf' and lr == 0.2 and seed == 101:
+        return {'status': 'diverged', 'metrics': {}, 'error': 'FloatingPointError: loss is nan'}
+    score = {'kd': {0.05: 80.0, 0.1: 82.0, 0.2: 81.0}, 'opdf': {0.05: 83.0, 0.1: 81.5, 0.2: 90.0}}[name][lr]
+    score += lam + 0.25 * (seed % 100)
+    return {'status': 'ok', 'error': None, 'metrics': {
+        'test_acc1': score - 1 + (0.5 * seed if name == 'opdf' else 0.0), 'best_val_acc1': score,
+        'train_params': 30 if name == 'opdf' else 10, 'inference_params': 10,
+        'ratio': 3.0 if name == 'opdf' else 1.0, 'train_seconds': 1.0}}
+
+
+def _spec(workspace, seeds=(0, 1, 2)):
+    spec = {'study': 'toy', 'workdir': str(workspace / 'work'), 'baseline': 'kd', 'select_seeds': [100, 101],
+            'seeds': list(seeds), 'labels': {LR: 'lr', LAMBDA: 'lambda'},
+            'pairs': {'toy': {'title': 'Toy pair', 'records': str(workspace / 'toy.jsonl'), 'arms': {
+                'kd': {'config': str(workspace / 'kd.yaml'), 'grid': {LR: [0.05, 0.1, 0.2]}},
+                'opdf': {'config': str(workspace / 'opdf.yaml'), 'grid': {LR: [0.05, 0.1, 0.2], LAMBDA: [0.0, 1.0]}},
+            }}}}
+    path = workspace / 'study.yaml'
+    path.write_text(json.dumps(spec))
+    return path
+
+
+EXPECTED = """#### Toy pair: selection on validation (seeds 100, 101)
+
+| arm | lr | lambda | val acc@1 (%) | selected |
+|---|---|---|---|---|
+| kd | 0.05 | - | 80.12 |  |
+| kd | 0.1 | - | 82.12 | yes |
+| kd | 0.2 | - | 81.12 |  |
+| opdf | 0.05 | 0.0 | 83.12 |  |
+| opdf | 0.05 | 1.0 | 84.12 | yes |
+| opdf | 0.1 | 0.0 | 81.62 |  |
+| opdf | 0.1 | 1.0 | 82.62 |  |
+| opdf | 0.2 | 0.0 | diverged 1/2 |  |
+| opdf | 0.2 | 1.0 | diverged 1/2 |  |
+
+#### Toy pair: test accuracy at the selected setting (seeds 0, 1, 2)
+
+| arm | lr | lambda | n | test acc@1 (%) | 95 % CI | params x | vs kd (paired, 95 % CI) | p (paired t) | p (Holm) |
+|---|---|---|---|---|---|---|---|---|---|
+| kd | 0.1 | - | 3 | 81.25 | [80.63, 81.87] | 1.00 | - | - | - |
+| opdf | 0.05 | 1.0 | 3 | 83.75 | [81.89, 85.61] | 3.00 | +2.50 +- 1.24 | 0.013 | 0.013 |
+
+Paired differences to kd over the same seeds; two-sided paired t-test; Holm correction over the 1 comparison in this table.
+"""
+
+
+def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ablate, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
+    spec = _spec(workspace)
+    study = ablate.load_study(spec)
+    out = io.StringIO()
+    ablate.run_study(study, stream=out)
+    assert len(calls) == 3 * 2 + 6 * 2 + 2 * 3  # selection (points x 2 seeds), then 3 seeds per arm
+    progress = out.getvalue()
+    assert 'phase all: 0/24 runs done' in progress and '[24/24 runs done, mean run' in progress
+    assert '[18/24 runs done' in progress and 'ETA 0:00:00' in progress
+    final = [c for c in calls if c[1] in (0, 1, 2)]
+    assert {(c[0].rsplit('/', 1)[-1], c[2][LR], c[2].get(LAMBDA)) for c in final} == {
+        ('kd.yaml', 0.1, None), ('opdf.yaml', 0.05, 1.0)}  # opdf lr 0.2 scored best but diverged once
+    records = ablate.load_records(workspace / 'toy.jsonl')
+    assert len(records) == 24 and {r['phase'] for r in records} == {'select', 'final'}
+    assert all(r['config_hash'] and r['versions'] and r['inputs'] for r in records)
+    ablate.run_study(ablate.load_study(spec), stream=io.StringIO())
+    assert len(calls) == 24  # all recorded: nothing trains again
+
+    capsys.readouterr()
+    assert ablate.main(['report', '--study', str(spec)]) == 0
+    first = capsys.readouterr()
+    assert first.out == EXPECTED and first.err == ''
+    assert ablate.main(['report', '--study', str(spec), '--summary_json', str(workspace / 's.json')]) == 0
+    assert capsys.readouterr().out == EXPECTED  # the same bytes again
+    rows = json.loads((workspace / 's.json').read_text())
+    assert [r['arm'] for r in rows] == ['kd', 'opdf'] and rows[1]['vs_baseline']['n'] == 3
+
+    # a config edit: the report leaves kd's records out (and says so); the next run trains them again
+    text = (workspace / 'kd.yaml').read_text()
+    (workspace / 'kd.yaml').write_text(text.replace('momentum: 0.9', 'momentum: 0.8'))
+    assert ablate.main(['report', '--study', str(spec)]) == 0
+    edited = capsys.readouterr()
+    assert 'WARNING: 9 record(s) left out: their config changed since they ran' in edited.err
+    assert '| kd | 0.05 | - | missing 2/2 |  |' in edited.out
+    assert '| kd | - | - | - | - | - | - | - | - | - |' in edited.out
+    stale = ablate.find_stale(ablate.load_records(workspace / 'toy.jsonl'))
+    assert len(stale['stale']) == 9 and {r['name'] for r in stale['stale']} == {'kd'}
+    ablate.run_study(ablate.load_study(spec), stream=io.StringIO())
+    assert len(calls) == 24 + 9
+    (workspace / 'kd.yaml').write_text(text)  # back as it was: the first records count again
+    assert ablate.main(['report', '--study', str(spec)]) == 0
+    assert capsys.readouterr().out == EXPECTED
+
+
+def test_paired_statistics_and_holm_on_known_numbers():
+    d = ablate.paired_difference({0: 91.0, 1: 92.0, 2: 94.0, 9: 50.0}, {0: 90.0, 1: 90.0, 2: 90.0})
+    diffs = [1.0, 2.0, 4.0]
+    sd = math.sqrt(sum((x - 7 / 3) ** 2 for x in diffs) / 2)
+    t = (7 / 3) / (sd / math.sqrt(3))
+    assert d['n'] == 3 and d['mean'] == pytest.approx(7 / 3)
+    assert d['ci95'] == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
+    assert d['p'] == pytest.approx(2 * stats.t.sf(t, 2)) and d['p'] == pytest.approx(0.1181, abs=1e-4)
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert ablate.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = ablate.holm([0.5, math.nan, 0.2])
+    assert adjusted[0] == pytest.approx(0.5) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.4)
+    assert ablate.holm([0.6, 0.7]) == [1.0, 1.0] and ablate.holm([]) == []
+
+
+def test_progress_eta_uses_each_arms_mean_time():
+    out = io.StringIO()
+    progress = ablate.Progress(total=5, done=1, times={'a': [10.0, 30.0], 'b': [60.0]}, stream=out)
+    assert progress.mean('a') == 20.0 and progress.mean('c') == pytest.approx(100 / 3)
+    assert progress.line(['a', 'b', 'c']) == '1/5 runs done, mean run 0:00:33, ETA 0:01:53'
+    assert ablate.Progress(3, 0).line(['a']) == '0/3 runs done, mean run unknown, ETA unknown'
+    two = ablate.Progress(total=5, done=1, times={'a': [10.0, 30.0], 'b': [60.0]}, jobs=2)
+    assert two.line(['a', 'b', 'c']) == '1/5 runs done, mean run 0:00:33, ETA 0:00:57'  # two runs at a time
+    progress.finished({'name': 'b', 'seed': 0, 'overrides': {LR: 0.1}, 'status': 'ok', 'wall_seconds': 60.0,
+                       'metrics': {'test_acc1': 90.0, 'best_val_acc1': 91.0}, 'phase': 'final'}, ['b'])
+    assert out.getvalue() == '[2/5 runs done, mean run 0:00:40, ETA 0:01:00] final b seed=0 lr=0.1: ok val 91.00 ' \
+                             'test 90.00 (60.0 s)\n'
+
+
+def test_records_are_appended_atomically_and_concurrently(tmp_path):
+    path = tmp_path / 'r.jsonl'
+    ablate.append_record({'key': 'a', 'status': 'failed'}, path)
+    ablate.append_record({'key': 'a', 'status': 'ok'}, path)  # a retried run replaces its failed record
+    threads = [threading.Thread(target=ablate.append_record, args=({'key': f'k{i}', 'status': 'ok'}, path))
+               for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    records = ablate.load_records(path)
+    assert records[0] == {'key': 'a', 'status': 'ok'} and len(records) == 17
+    assert not list(tmp_path.glob('.*')) and not list(tmp_path.glob('*.lock'))  # nothing left beside the records
+    path.write_text(path.read_text() + '{"key": \n')
+    with pytest.raises(ValueError, match=r'r.jsonl:18: not a JSON record'):
+        ablate.load_records(path)
+
+
+def test_study_spec_errors_name_the_key(workspace):
+    spec = json.loads(_spec(workspace).read_text())
+    bad = workspace / 'bad.yaml'
+    for edit, message in (
+            (lambda s: s.update(seed=[1]), r"unknown keys \['seed'\]"),
+            (lambda s: s['pairs']['toy']['arms']['kd'].update(config='missing.yaml'), 'missing.yaml does not exist'),
+            (lambda s: s.update(baseline='teacher'), r"baseline 'teacher' is not an arm \(arms: \['kd', 'opdf'\]\)"),
+            (lambda s: s['pairs']['toy']['arms']['kd'].update(grid={LR: []}), 'grid must map override keys'),
+            (lambda s: s.update(seeds=[0, 0]), 'seeds must be a non-empty list of distinct integers')):
+        broken = json.loads(json.dumps(spec))
+        edit(broken)
+        bad.write_text(json.dumps(broken))
+        with pytest.raises((ablate.StudyError, FileNotFoundError), match=message):
+            ablate.load_study(bad)
+    with pytest.raises(ablate.StudyError, match=r"no pairs \['cnn'\]; pairs: \['toy'\]"):
+        ablate.run_study(ablate.load_study(_spec(workspace)), ['cnn'], dry_run=True)
+
+
+def test_the_fashion_study_plans_every_arm(capsys):
+    study = ablate.load_study(ROOT / 'configs' / 'fashion' / 'study.yaml')
+    out = io.StringIO()
+    ablate.run_study(study, dry_run=True, stream=out)
+    assert re.search(r"pairs \['cnn', 'vit'\], phase all: \d+/180 runs done", out.getvalue())
+    for pair in study.pairs:
+        plan = ablate.study_plan(study, pair, [])
+        assert len(plan['select']) == 60 and plan['unplanned'] == [a.name for a in pair.arms for _ in pair.seeds]
+        assert len({t.identity.key for t in plan['select']}) == 60  # every run has its own key
+
+
+def test_committed_digits_table_is_reproduced_from_its_records(capsys):
+    """Records written before config hashing stay readable: the README's digits table, byte for byte."""
+    records = ROOT / 'docs' / 'results' / 'records'
+    expected = (ROOT / 'docs' / 'results' / 'digits_tuned.txt').read_text()
+    argv = ['report', '--out', str(records / 'digits_a.jsonl'), str(records / 'digits_b.jsonl'), '--only',
+            'student_ce', 'kd', 'kd_svd', 'kd_mpo', 'kd_opdf', 'at', 'at_opdf', '--tune', LR, LAMBDA, '--baseline', 'kd']
+    if any('config_hash' in line for line in (records / 'digits_a.jsonl').read_text().splitlines()[:1]):
+        pytest.skip('the digits records were rewritten with config hashes')
+    assert ablate.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected
+    assert 'written before config hashing' in captured.err
