@@ -12,8 +12,9 @@ Importing the package also registers the torchdistill components (model ``opdf_s
 model wrapper ``opdf_probe``, loss ``AuxTensorAlignmentLoss``, dataset ``Digits``), so a YAML's
 ``dependencies: ['opdf_torchdistill']`` is all a config needs.
 """
+from .errors import MatchError, OptionError
 from .mpo import MPOError, decompose, reconstruct
-from .options import MPOConfig, OptionError
+from .options import MPOConfig
 from .planning import MPOPlan
 from .report import OverparamReport
 from .surgery import clear_caches, contract, is_overparameterized, mpo_modules, overparameterize, plan
@@ -22,7 +23,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'overparameterize', 'contract', 'plan', 'mpo_modules', 'is_overparameterized', 'clear_caches',
-    'decompose', 'reconstruct', 'MPOConfig', 'MPOPlan', 'OverparamReport', 'MPOError', 'OptionError',
+    'decompose', 'reconstruct', 'MPOConfig', 'MPOPlan', 'OverparamReport', 'MPOError', 'OptionError', 'MatchError',
 ]
 
 try:  # torchdistill is a dependency, but the core must stay importable without it (e.g. exported models)

@@ -180,11 +180,12 @@ def pair_layers(student: Sequence[ProbeEntry], teacher: Sequence[LayerInfo], cor
     coverage = AlignmentCoverage(len(mpo_layers) + sum(1 for n in expected if n not in reported), len(pairs),
                                  sum(e.plan.num_params for e in mpo_layers), aligned_mpo, aligned_cores, unaligned)
     if not pairs:
-        raise MatchError(
-            'no student MPO layer can be aligned with a teacher layer: '
-            + '; '.join(f'{s}: {why}' for s, why in unaligned)
-            + f'. Teacher layers: {[t.name for t in teacher]}. Give layer_map, or plan the student '
-              f'with mpo.align_to so widths line up')
+        shown = '; '.join(f'{s}: {why}' for s, why in unaligned[:5])
+        more = f' (and {len(unaligned) - 5} more)' if len(unaligned) > 5 else ''
+        names = [t.name for t in teacher]
+        listed = ', '.join(names[:20]) + (f', ... ({len(names)} in all)' if len(names) > 20 else '')
+        raise MatchError(f'no student MPO layer can be aligned with a teacher layer: {shown}{more}. Teacher layers: '
+                         f'{listed}. Give layer_map, or plan the student with mpo.align_to so widths line up')
     return pairs, coverage
 
 

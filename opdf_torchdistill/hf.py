@@ -101,17 +101,22 @@ _register_example_components()
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+def _pretrained_kwargs(spec: Any, what: str, extra: str) -> dict:
+    """``from_pretrained`` kwargs from a path / hub id (string) or a mapping naming one."""
+    if isinstance(spec, str):
+        spec = {'pretrained_model_name_or_path': spec}
+    if not isinstance(spec, Mapping) or 'pretrained_model_name_or_path' not in spec:
+        raise OptionError(f'{what} must be a model path / hub id or a mapping with pretrained_model_name_or_path '
+                          f'(and {extra}), got {spec!r}')
+    return dict(spec)
+
+
 def load_hf_model(spec: Any, what: str) -> nn.Module:
     """A sequence-classification model from ``spec``: a model, a path/hub id (string), or a mapping
     of ``from_pretrained`` kwargs (``pretrained_model_name_or_path`` required)."""
     if isinstance(spec, nn.Module):
         return spec
-    if isinstance(spec, str):
-        spec = {'pretrained_model_name_or_path': spec}
-    if not isinstance(spec, Mapping) or 'pretrained_model_name_or_path' not in spec:
-        raise OptionError(f'{what} must be a model path / hub id or a mapping with pretrained_model_name_or_path '
-                          f'(and other from_pretrained kwargs), got {spec!r}')
-    return AutoModelForSequenceClassification.from_pretrained(**dict(spec))
+    return AutoModelForSequenceClassification.from_pretrained(**_pretrained_kwargs(spec, what, 'other from_pretrained kwargs'))
 
 
 def hf_skeleton(spec: Any, what: str = 'mpo.align_to') -> nn.Module:
@@ -119,12 +124,7 @@ def hf_skeleton(spec: Any, what: str = 'mpo.align_to') -> nn.Module:
     **config overrides}``) on the meta device: shapes only, no weights read."""
     if isinstance(spec, nn.Module):
         return spec
-    if isinstance(spec, str):
-        spec = {'pretrained_model_name_or_path': spec}
-    if not isinstance(spec, Mapping) or 'pretrained_model_name_or_path' not in spec:
-        raise OptionError(f'{what} must be a teacher model path / hub id or a mapping with pretrained_model_name_or_path '
-                          f'(and config overrides such as num_labels), got {spec!r}')
-    config = AutoConfig.from_pretrained(**dict(spec))
+    config = AutoConfig.from_pretrained(**_pretrained_kwargs(spec, what, 'config overrides such as num_labels'))
     with torch.device('meta'):
         return AutoModelForSequenceClassification.from_config(config)
 

@@ -22,13 +22,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from .errors import MatchError
+
 __all__ = ['LayerInfo', 'role_of', 'auto_match', 'explicit_match', 'MatchError']
 
 _NUMBER = re.compile(r'\d+')
-
-
-class MatchError(ValueError):
-    """A layer map names layers that do not exist, or nothing can be matched."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from .errors import OptionError
 from .weight_sites import SUPPORTED_TYPES
 from .planning import FACTOR_ORDERS
 
@@ -52,10 +53,6 @@ __all__ = ['MPOConfig', 'OptionError', 'FREEZE_CHOICES', 'OVERRIDE_KEYS']
 
 FREEZE_CHOICES = (None, 'central', 'auxiliary')
 OVERRIDE_KEYS = ('rows', 'cols', 'num_dummy', 'num_factors', 'max_bond', 'skip')
-
-
-class OptionError(ValueError):
-    """An option of ``overparameterize`` / ``mpo:`` has an invalid key or value."""
 
 
 def _suggest(key: str, valid) -> str:

@@ -389,10 +389,10 @@ def aligned_plans(student_shape: Sequence[int], teacher_shape: Sequence[int],
             if not auxiliary_compatible(s_plan, t_plan):
                 continue
             d = s_plan.bonds
-            # Closest to the scale the paper's plan gives this matrix at the same L; then the largest
-            # auxiliary bonds; then the most balanced split.
-            scale = -abs(math.log(s_plan.num_params / target_params))
-            key = (round(scale, 9), d[1] * d[-2], -abs(math.log(a / b)) - abs(math.log(a2 / b2)), a, a2)
+            # Closest (in 10 % steps) to the scale the paper's plan gives this matrix at the same L; then
+            # the largest auxiliary bonds (more of the matrix in aligned cores); then the most balanced.
+            scale = -round(abs(math.log(s_plan.num_params / target_params)) / 0.1)  # 10 % steps
+            key = (scale, d[1] * d[-2], -abs(math.log(a / b)) - abs(math.log(a2 / b2)), a, a2)
             if best is None or key > best[0]:
                 best = (key, s_plan, t_plan)
     return None if best is None else (best[1], best[2])

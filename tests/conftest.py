@@ -22,3 +22,23 @@ def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     n = b.norm().item()
     return ((a - b).norm().item() / n) if n > 0 else (a - b).norm().item()
+
+
+FAKE_KD_OPDF = ROOT / 'tests' / 'configs' / 'kd_opdf_fake.yaml'
+
+
+def fake_run_args(tmp, name, *extra):
+    """Runner arguments for the tiny KD + OPDF run on FakeData, writing ``<tmp>/<name>.pt``."""
+    from opdf_torchdistill.cli.train import get_parser
+    return get_parser().parse_args(['--config', str(FAKE_KD_OPDF), '--device', 'cpu', '--seed', '3',
+                                    '--set', f'models.student_model.dst_ckpt={tmp / name}.pt', *extra])
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+    """One epoch of the 2-epoch fake KD+OPDF run (shared, read-only): ``run.pt`` and ``run.last.pt``."""
+    from opdf_torchdistill.cli.train import run
+    tmp = tmp_path_factory.mktemp('trained')
+    metrics, _, _ = run(fake_run_args(tmp, 'run', '--stop_after', '1'))
+    assert metrics['stopped_at_epoch'] == 1
+    return tmp

@@ -15,22 +15,11 @@ from opdf_torchdistill.cli.common import ConfigError, apply_overrides, load_conf
 from opdf_torchdistill.cli.train import DivergedError, ResumeError, get_parser, run
 from opdf_torchdistill.io import CheckpointError, atomic_torch_save, atomic_write_text
 from opdf_torchdistill.options import OptionError
-from conftest import ROOT
+from conftest import FAKE_KD_OPDF, ROOT, fake_run_args
 
-CONFIG = ROOT / 'tests' / 'configs' / 'kd_opdf_fake.yaml'
+CONFIG = FAKE_KD_OPDF
 
-
-def _args(tmp, name, *extra):
-    return get_parser().parse_args(['--config', str(CONFIG), '--device', 'cpu', '--seed', '3',
-                                    '--set', f'models.student_model.dst_ckpt={tmp / name}.pt', *extra])
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """One epoch of the 2-epoch fake KD+OPDF run: a best checkpoint and a resume file."""
-    tmp = tmp_path_factory.mktemp('trained')
-    assert run(_args(tmp, 'run', '--stop_after', '1'))[0]['stopped_at_epoch'] == 1
-    return tmp
+_args = fake_run_args
 
 
 # -- 1. divergence ------------------------------------------------------------------------------
@@ -38,8 +27,8 @@ def test_a_non_finite_buffer_stops_the_run_and_is_never_saved(tmp_path, monkeypa
     """Loss finite, BatchNorm running_var Inf (what lr=30 did on digits): epoch 1 is kept, epoch 2 is not saved."""
     original = train_cli._train_one_epoch
 
-    def diverging(box, device, epoch, *rest):
-        stats = original(box, device, epoch, *rest)
+    def diverging(box, device, epoch, *rest, **kwargs):
+        stats = original(box, device, epoch, *rest, **kwargs)
         if epoch == 1:
             train_cli._unwrap(box.student_model).bn1.running_var.fill_(float('inf'))
         return stats

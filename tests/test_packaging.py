@@ -21,10 +21,11 @@ PACKAGE = ROOT / 'opdf_torchdistill'
 RUNTIME = {'torch': 'torch', 'torchvision': 'torchvision', 'torchdistill': 'torchdistill', 'yaml': 'pyyaml',
            'numpy': 'numpy'}
 EXTRAS_ONLY = {'sklearn': 'scikit-learn', 'scipy': 'scipy', 'matplotlib': 'matplotlib', 'tensorly': 'tensorly',
-               'tltorch': 'tensorly-torch', 'transformers': 'transformers', 'datasets': 'datasets'}
+               'tltorch': 'tensorly-torch', 'transformers': 'transformers', 'datasets': 'datasets', 'timm': 'timm',
+               'safetensors': 'safetensors'}
 # modules that exist for an extra and that nothing imports unless the user names them (a recipe's
 # `dependencies: [opdf_torchdistill.hf]`): they may import that extra at module level
-OPT_IN = {'opdf_torchdistill/hf.py': 'hf'}
+OPT_IN = {'opdf_torchdistill/hf.py': 'hf', 'opdf_torchdistill/timm_models.py': 'hf'}
 PLOTTING_OR_STATISTICS = {'matplotlib', 'scipy', 'scikit-learn', 'tensorly', 'tensorly-torch', 'seaborn', 'pandas',
                           'statsmodels'}
 
@@ -93,7 +94,7 @@ def test_wheel_requires_only_what_the_plugin_imports(installed):
     assert extras['demo'] == {'scikit-learn'}
     assert extras['study'] == {'scikit-learn', 'scipy', 'matplotlib'}
     # the README's second command installs [test] and runs every test: it must hold the demo data too
-    assert extras['hf'] == {'transformers', 'datasets'}
+    assert extras['hf'] == {'transformers', 'datasets', 'timm', 'safetensors'}
     assert extras['study'] | extras['hf'] | {'tensorly', 'pytest', 'hypothesis', 'setuptools'} <= extras['test']
 
 
@@ -153,7 +154,7 @@ def test_plugin_imports_without_the_extras():
     the ``demo`` extra, by name."""
     code = '''
 import importlib, sys
-BLOCKED = {'sklearn', 'scipy', 'matplotlib', 'tensorly', 'tltorch', 'transformers', 'datasets'}
+BLOCKED = {'sklearn', 'scipy', 'matplotlib', 'tensorly', 'tltorch', 'transformers', 'datasets', 'timm', 'safetensors'}
 for name in BLOCKED:  # as if not installed: importing raises ImportError, find_spec returns None
     sys.modules[name] = None
 import opdf_torchdistill, opdf_torchdistill.plugin, opdf_torchdistill.recipes

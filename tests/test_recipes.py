@@ -8,6 +8,7 @@ import re
 import pytest
 import yaml
 
+from opdf_torchdistill.cli.common import TagRecordingLoader
 from opdf_torchdistill.cli.miniature import load_miniature
 from opdf_torchdistill.cli.train import get_parser, run
 from conftest import ROOT
@@ -35,21 +36,7 @@ def test_recipe_in_miniature(path, tmp_path, monkeypatch, caplog):
 BASELINE_PAIRS = [(p, p.with_name(p.name[len('opdf-'):])) for p in CONFIGS if p.name.startswith('opdf-')]
 
 
-class _PlainLoader(yaml.SafeLoader):
-    """Reads a torchdistill YAML as data: every ``!tag`` becomes ``{'!tag': value}``, nothing runs."""
-
-
-def _tagged(loader, suffix, node):
-    if isinstance(node, yaml.MappingNode):
-        value = loader.construct_mapping(node, deep=True)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_scalar(node)
-    return {'!' + suffix: value}
-
-
-_PlainLoader.add_multi_constructor('!', _tagged)
+_PlainLoader = TagRecordingLoader  # reads a torchdistill YAML as data: ``!tag x`` -> ``{'!tag': x}``
 
 
 def _differences(a, b, path=()):

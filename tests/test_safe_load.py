@@ -12,9 +12,9 @@ from opdf_torchdistill.cli import export as export_cli
 from opdf_torchdistill.cli import train as train_cli
 from opdf_torchdistill.cli.train import get_parser, run
 from opdf_torchdistill.io import CheckpointError, UnsafeCheckpointError, load_checkpoint
-from conftest import ROOT
+from conftest import FAKE_KD_OPDF, ROOT, fake_run_args
 
-CONFIG = ROOT / 'tests' / 'configs' / 'kd_opdf_fake.yaml'
+CONFIG = FAKE_KD_OPDF
 
 
 class _Payload:
@@ -31,19 +31,7 @@ def _malicious(path, marker, state=None):
     torch.save({'model': state or {}, 'note': _Payload(marker)}, path)
     return path
 
-
-def _args(tmp, name, *extra):
-    return get_parser().parse_args(['--config', str(CONFIG), '--device', 'cpu', '--seed', '3',
-                                    '--set', f'models.student_model.dst_ckpt={tmp / name}.pt', *extra])
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """One epoch of the 2-epoch fake KD+OPDF run: a best checkpoint and a resume file."""
-    tmp = tmp_path_factory.mktemp('trained')
-    metrics, _, _ = run(_args(tmp, 'run', '--stop_after', '1'))
-    assert metrics['stopped_at_epoch'] == 1
-    return tmp
+_args = fake_run_args
 
 
 def test_what_the_runner_saves_loads_as_plain_data(trained):

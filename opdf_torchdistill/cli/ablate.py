@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from ..io import atomic_write_json, atomic_write_text
+from .common import parse_value
 
 __all__ = ['main', 'run_key', 'run_identity', 'resolved_config', 'config_hash', 'load_records', 'append_record',
            'find_stale', 'summarize', 'format_summary', 'mean_ci', 'paired_difference', 'holm', 'load_study',
@@ -249,7 +250,7 @@ def _parse_grid(items: Sequence[str]) -> list[dict]:
         if '=' not in item:
             raise ValueError(f'--grid {item!r} must look like dotted.key=v1,v2,...')
         key, values = item.split('=', 1)
-        axes.append([(key, yaml.safe_load(v)) for v in values.split(',')])
+        axes.append([(key, parse_value(v)) for v in values.split(',')])  # 1e-3 is a float, as in --set
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 
@@ -259,7 +260,7 @@ def _parse_sets(items: Sequence[str]) -> dict:
         if '=' not in item:
             raise ValueError(f'--set {item!r} must look like dotted.key=value')
         key, value = item.split('=', 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_value(value)
     return out
 
 
@@ -1143,7 +1144,7 @@ def _common_report_args(q: argparse.ArgumentParser) -> None:
     q.add_argument('--plots', help='directory for PNG plots')
     q.add_argument('--lr_key', default='train.optimizer.kwargs.lr', help='override key of the learning rate')
     q.add_argument('--title', default='', help='prefix of plot titles')
-    q.add_argument('--summary_json', help='write the summary rows here')
+    q.add_argument('--summary_json', '--json', dest='summary_json', help='write the summary rows here')
 
 
 def get_parser() -> argparse.ArgumentParser:

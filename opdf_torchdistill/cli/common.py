@@ -151,7 +151,7 @@ def _check_duplicate_keys(path: str) -> None:
             stack.extend(node.value)
 
 
-class _TagRecordingLoader(yaml.SafeLoader):
+class TagRecordingLoader(yaml.SafeLoader):
     """Loads a torchdistill YAML as plain data: a tagged node ``!import_call {...}`` becomes
     ``{'!import_call': {...}}`` (nothing is imported or called)."""
 
@@ -166,14 +166,14 @@ def _construct_tagged(loader, tag_suffix, node):
     return {'!' + tag_suffix: value}
 
 
-_TagRecordingLoader.add_multi_constructor('!', _construct_tagged)
+TagRecordingLoader.add_multi_constructor('!', _construct_tagged)
 
 
 def config_snapshot(path: str, overrides: Sequence[str] = ()) -> dict:
     """The config file with its overrides as plain data (tags recorded, not run): what a resume
     checkpoint stores to tell whether the config changed."""
     with open(os.path.expanduser(path), 'r') as fp:
-        snapshot = yaml.load(fp, Loader=_TagRecordingLoader)
+        snapshot = yaml.load(fp, Loader=TagRecordingLoader)
     return apply_overrides(snapshot, overrides)
 
 

@@ -86,7 +86,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--dst_ckpt', help='where the best student checkpoint goes (overrides the config\'s dst_ckpt)')
     p.add_argument('--stop_after', type=int, metavar='N',
                    help='leave after N epochs of this invocation (time-limited jobs); continue with --resume')
-    p.add_argument('--metrics_json', help='write final metrics (accuracies, times, parameter counts) here')
+    p.add_argument('--metrics_json', '--json', dest='metrics_json',
+                   help='write final metrics (accuracies, times, parameter counts, first-step gradient norms) here')
     p.add_argument('--amp', choices=['bf16'], help='train under bfloat16 autocast (MPO contraction stays float32)')
     p.add_argument('--threads', type=int, help='torch intra-op threads')
     p.add_argument('-test_only', action='store_true', help='only test the student from its dst_ckpt')
