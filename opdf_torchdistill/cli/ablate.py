@@ -1204,7 +1204,7 @@ def report(args, records: list[dict]) -> list[dict]:
         written.append(plot_lr(all_rows, args.lr_key, out / 'lr.png', f'{title}accuracy vs learning rate'))
         for path in written:
             if path is not None:
-                print(f'wrote {path}')
+                print(f'wrote {path}', file=sys.stderr)  # stdout is the table (README, tests)
     return rows
 
 
