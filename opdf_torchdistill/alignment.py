@@ -278,7 +278,10 @@ class CoreAligner:
             jobs = [(m, pair.teacher_plan.row_factors, pair.teacher_plan.col_factors, pair.teacher_plan.max_bond)
                     for m, (pair, _, _) in zip(matrices, stale)]
         for (pair, _, key), cores in zip(stale, mpo.decompose_many(jobs)):
-            self._targets[pair.student] = (key, tuple(cores))
+            # The teacher cores' squared norms (the relative reduction's denominators) are constants:
+            # computed once here, not at every step; clamped so an all-zero core cannot divide by 0.
+            norms = tuple(c.detach().pow(2).sum().clamp_min(torch.finfo(c.dtype).tiny) for c in cores)
+            self._targets[pair.student] = (key, tuple(cores), norms)
 
     def targets(self, pair: AlignedPair) -> tuple[Tensor, ...]:
         """The target cores for a pair (all of them, in the teacher's dtype/device)."""
@@ -297,8 +300,7 @@ class CoreAligner:
                 if self.reduction == 'paper':
                     terms.append(F.mse_loss(s_cores[k], target))
                 else:
-                    # The teacher core's norm is a constant; clamp so an all-zero target cannot divide by 0.
-                    scale = target.detach().pow(2).sum().clamp_min(torch.finfo(target.dtype).tiny)
+                    scale = self._targets[pair.student][2][k].to(device=target.device, dtype=target.dtype)
                     terms.append((s_cores[k] - target).pow(2).sum() / scale)
         for report in (student, teacher):
             consume = getattr(report, 'consume', None)
