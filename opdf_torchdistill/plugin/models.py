@@ -53,7 +53,8 @@ def _teacher_skeleton(spec: Any) -> nn.Module:
         raise OptionError(f'mpo.align_to must be a teacher model config with a "key" (and optional "kwargs"), got {spec!r}')
     unknown = {k for k in spec if k not in _MODEL_CONFIG_KEYS and not str(k).startswith('_')}  # _x: YAML anchors
     if unknown:
-        raise OptionError(f'mpo.align_to: unknown keys {sorted(unknown)}; valid keys: {", ".join(_MODEL_CONFIG_KEYS)}')
+        raise OptionError(f'mpo.align_to (the teacher model config it names, e.g. *teacher_model): unknown keys '
+                          f'{sorted(unknown)}; valid keys: {", ".join(_MODEL_CONFIG_KEYS)}')
     kwargs = dict(spec.get('kwargs') or {})
     for name, off in (('weights', None), ('pretrained', False)):
         if name in kwargs:
