@@ -143,6 +143,13 @@ def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace
     assert ablate.main(['report', '--study', str(spec), '--summary_json', str(workspace / 's.json')]) == 0
     assert capsys.readouterr().out == EXPECTED  # the same bytes again
     rows = json.loads((workspace / 's.json').read_text())
+    assert ablate.main(['report', '--study', str(spec), '--plots', str(workspace / 'plots')]) == 0
+    plotted = capsys.readouterr()
+    assert plotted.out == EXPECTED and 'wrote' in plotted.err and (workspace / 'plots' / 'toy.png').stat().st_size > 0
+    with pytest.raises(SystemExit, match='--tune, --baseline apply to --out reports only'):
+        ablate.main(['report', '--study', str(spec), '--tune', LR, '--baseline', 'kd'])
+    with pytest.raises(SystemExit, match='--pairs applies to --study reports only'):
+        ablate.main(['report', '--out', str(workspace / 'toy.jsonl'), '--pairs', 'toy'])
     assert [r['arm'] for r in rows] == ['kd', 'opdf'] and rows[1]['vs_baseline']['n'] == 3
 
     # a config edit: the report leaves kd's records out (and says so); the next run trains them again
@@ -231,11 +238,11 @@ def test_the_fashion_study_plans_every_arm(capsys):
     study = ablate.load_study(ROOT / 'configs' / 'fashion' / 'study.yaml')
     out = io.StringIO()
     ablate.run_study(study, dry_run=True, stream=out)
-    assert re.search(r"pairs \['cnn', 'vit'\], phase all: \d+/180 runs done", out.getvalue())
+    assert re.search(r"pairs \['cnn', 'cnn_at', 'vit'\], phase all: \d+/139 runs done", out.getvalue())
     for pair in study.pairs:
         plan = ablate.study_plan(study, pair, [])
-        assert len(plan['select']) == 60 and plan['unplanned'] == [a.name for a in pair.arms for _ in pair.seeds]
-        assert len({t.identity.key for t in plan['select']}) == 60  # every run has its own key
+        assert len(plan['select']) == (9 if pair.name == 'cnn_at' else 30) and plan['unplanned'] == [a.name for a in pair.arms for _ in pair.seeds]
+        assert len({t.identity.key for t in plan['select']}) == len(plan['select'])  # every run has its own key
 
 
 @pytest.mark.parametrize('folder', ['v0.1', '.'])
@@ -254,3 +261,44 @@ def test_committed_digits_table_is_reproduced_from_its_records(capsys, folder):
         assert 'written before config hashing' in captured.err
     else:
         assert 'stale' not in captured.err.lower() and 'before config hashing' not in captured.err
+
+
+def test_prepare_resumes_an_interrupted_teacher_instead_of_reusing_its_best_checkpoint(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import torch
+    config = tmp_path / 'teacher.yaml'
+    dst = tmp_path / 'runs' / 'teacher.pt'
+    config.write_text(f"models: {{model: {{key: 'net', dst_ckpt: '{dst}'}}}}\ntrain: {{num_epochs: 3}}\n")
+    last = dst.with_name('teacher.last.pt')
+    assert ablate.teacher_state(str(config)) == ('missing', str(dst))
+    dst.parent.mkdir()
+    torch.save({'model': {}}, dst)  # the best checkpoint is written from the first epoch on
+    torch.save({'epoch': 1}, last)
+    assert ablate.teacher_state(str(config))[0] == 'resume'
+    calls = []
+
+    def fake_run(argv, stdout, stderr):
+        calls.append(argv)
+        metrics = argv[argv.index('--metrics_json') + 1]
+        with open(metrics, 'w') as f:
+            json.dump({'test': {'acc1': 91.5}}, f)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(subprocess, 'run', fake_run)
+    ablate._prepare([str(config)], 'cpu', 1, jobs=2)
+    assert len(calls) == 1 and calls[0][-1] == '--resume' and calls[0][calls[0].index('--threads') + 1] == '1'
+    out = capsys.readouterr().out
+    assert 'resuming' in out and 'unfinished' in out and 'test acc@1 91.50' in out
+    torch.save({'epoch': 3}, last)
+    assert ablate.teacher_state(str(config))[0] == 'done'
+    ablate._prepare([str(config)], 'cpu', 1)
+    assert len(calls) == 1 and 'training finished), reused' in capsys.readouterr().out
+    last.unlink()  # a teacher given by the user (no .last.pt): reused as it is
+    assert ablate.teacher_state(str(config))[0] == 'done'
+
+    monkeypatch.setattr(subprocess, 'run', lambda argv, stdout, stderr: (
+        stdout.write('Traceback ...\nRuntimeError: out of memory\n'), subprocess.CompletedProcess(argv, 1))[1])
+    dst.unlink()
+    with pytest.raises(ablate.StudyError, match=r'teacher training failed \(exit status 1\)(.|\n)*out of memory'):
+        ablate._prepare([str(config)], 'cpu')
+

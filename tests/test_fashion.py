@@ -216,9 +216,13 @@ def test_vit_student_init_errors(tmp_path):
 def test_recipes_and_study_spec_are_consistent():
     from opdf_torchdistill.cli import ablate
     study = ablate.load_study(FASHION / 'study.yaml')
-    assert [p.name for p in study.pairs] == ['cnn', 'vit']
+    assert [p.name for p in study.pairs] == ['cnn', 'cnn_at', 'vit']
     for pair in study.pairs:
-        assert [a.name for a in pair.arms] == list(ARMS) and pair.baseline == 'kd'
+        if pair.name == 'cnn_at':  # attention transfer with and without OPDF, on the CNN pair's teacher
+            assert [a.name for a in pair.arms] == ['at', 'at_opdf'] and pair.baseline == 'at'
+            assert pair.prepare == study.pairs[0].prepare
+        else:
+            assert [a.name for a in pair.arms] == list(ARMS) and pair.baseline == 'kd'
         assert len(pair.seeds) >= 5 and not set(pair.seeds) & set(pair.select_seeds)
         for arm in pair.arms:
             lrs = {point['train.optimizer.kwargs.lr'] for point in arm.grid}
@@ -228,12 +232,13 @@ def test_recipes_and_study_spec_are_consistent():
             student = config['models']['student_model']
             terms = config['train']['criterion']['kwargs']['sub_terms']
             mpo = student['kwargs'].get('mpo') if student['key'] == 'opdf_student' else None
-            assert (mpo is None) == (arm.name == 'kd')
+            assert (mpo is None) == (arm.name in ('kd', 'at'))
             if mpo is not None:  # planned against the teacher, so every weight has an aligned partner
                 assert mpo['align_to']['key'] == config['models']['teacher_model']['key']
                 assert mpo['num_dummy'] == (0 if arm.name == 'kd_svd' else 1)
             aligned = 'opdf' in terms
-            assert aligned == (arm.name not in ('kd', 'kd_mpo'))
+            assert aligned == (arm.name not in ('kd', 'kd_mpo', 'at'))
+            assert ('at' in terms) == arm.name.startswith('at') and ('kd' in terms) == arm.name.startswith('kd')
             if aligned:
                 kwargs = terms['opdf']['criterion']['kwargs']
                 assert kwargs['reduction'] == ('paper' if arm.name == 'kd_opdf_paper' else 'relative')
@@ -244,7 +249,7 @@ def test_recipes_and_study_spec_are_consistent():
                 assert student['kwargs'].get('base', student['key']) == 'fashion_vit_from_teacher'
 
 
-@pytest.mark.parametrize('pair,arm', [('cnn', 'kd_opdf_random'), ('vit', 'kd_opdf')])
+@pytest.mark.parametrize('pair,arm', [('cnn', 'kd_opdf_random'), ('cnn', 'at_opdf'), ('vit', 'kd_opdf')])
 def test_a_recipe_trains_on_tiny_written_data(pair, arm, tmp_path, monkeypatch):
     """One epoch of a real recipe on random idx files (the recipes read the default root, here the
     environment variable): builds the teacher-planned MPO student, aligns and tests. The recipes'

@@ -934,20 +934,71 @@ def study_plan(study: Study, pair: Pair, records: Sequence[dict]) -> dict:
     return {'select': select, 'final': final, 'selection': selection, 'unplanned': unplanned, 'done': done}
 
 
-def _prepare(configs: Sequence[str], device: str, threads: int | None = None) -> None:
+def _total_epochs(config: dict) -> int | None:
+    """Epochs a training config runs in all (the sum over ``stage*`` blocks), ``None`` if it does not say."""
+    train = config.get('train') or {}
+    if 'num_epochs' in train:
+        return int(train['num_epochs'])
+    stages = [v for k, v in train.items() if k.startswith('stage') and isinstance(v, dict)]
+    return sum(int(v.get('num_epochs', 0)) for v in stages) if stages else None
+
+
+def teacher_state(config: str) -> tuple[str, str]:
+    """``('done' | 'resume' | 'missing', dst_ckpt)`` of a ``prepare`` config.
+
+    A best checkpoint exists from the first epoch on, so its presence alone does not mean the run
+    finished: when the ``.last.pt`` beside it says fewer epochs than the config asks for, the run was
+    interrupted and is resumed (reusing a half-trained teacher would silently change every record)."""
+    from ..io import load_checkpoint
     from .common import load_config, student_config_of
-    from .train import get_parser as train_parser, run
+    from .train import last_ckpt_path
+    loaded = load_config(config)
+    dst = os.path.expanduser(student_config_of(loaded)['dst_ckpt'])
+    last = last_ckpt_path(dst)
+    if last.exists():
+        epoch = load_checkpoint(last, trusted=False).get('epoch')
+        total = _total_epochs(loaded)
+        if total is not None and epoch is not None and epoch < total:
+            return 'resume', dst
+    return ('done' if os.path.exists(dst) else 'missing'), dst
+
+
+def _prepare(configs: Sequence[str], device: str, threads: int | None = None, jobs: int = 1) -> None:
+    """Train the teachers a study needs, ``jobs`` at a time (one subprocess each, log beside the checkpoint).
+
+    A finished teacher is reused, an interrupted one resumed from its ``.last.pt``; a failure stops the
+    study with the end of the teacher's log."""
+    import subprocess
+    pending = []
     for config in configs:
-        dst = os.path.expanduser(student_config_of(load_config(config))['dst_ckpt'])
-        if os.path.exists(dst):
-            print(f'{config}: {dst} exists, reused', flush=True)
-            continue
-        print(f'{config}: training (its checkpoint {dst} is missing)', flush=True)
+        state, dst = teacher_state(config)
+        if state == 'done':
+            print(f'{config}: {dst} exists (training finished), reused', flush=True)
+        else:
+            pending.append((config, state, dst))
+
+    def train(item: tuple[str, str, str]) -> str:
+        config, state, dst = item
+        log = Path(dst).with_suffix('.train.log')
+        os.makedirs(log.parent, exist_ok=True)
+        metrics = log.with_suffix('.metrics.json')
+        argv = [sys.executable, '-m', 'opdf_torchdistill.cli.train', '--config', config, '--device', device,
+                '--seed', '0', '--metrics_json', str(metrics)] + (['--threads', str(threads)] if threads else [])
+        argv += ['--resume'] if state == 'resume' else []
+        print(f'{config}: {"resuming" if state == "resume" else "training"} ({dst} '
+              f'{"unfinished" if state == "resume" else "missing"}); log {log}', flush=True)
         start = time.perf_counter()
-        argv = ['--config', config, '--device', device, '--seed', '0'] + (['--threads', str(threads)] if threads else [])
-        metrics = run(train_parser().parse_args(argv))[0]
-        print(f'{config}: test acc@1 {metrics.get("test", {}).get("acc1", math.nan):.2f} '
-              f'({_fmt_duration(time.perf_counter() - start)})', flush=True)
+        with open(log, 'a') as out:
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = ''.join(open(log).readlines()[-15:])
+            raise StudyError(f'{config}: teacher training failed (exit status {code}); end of {log}:\n{tail}')
+        acc = json.loads(metrics.read_text()).get('test', {}).get('acc1', math.nan)
+        return f'{config}: test acc@1 {acc:.2f} ({_fmt_duration(time.perf_counter() - start)})'
+
+    with ThreadPoolExecutor(max(1, min(jobs, len(pending) or 1))) as pool:
+        for line in pool.map(train, pending):
+            print(line, flush=True)
 
 
 def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'all', jobs: int = 1,
@@ -956,8 +1007,7 @@ def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'al
     stream = stream if stream is not None else sys.stdout
     chosen = _pick(study, pairs)
     if not dry_run:
-        for pair in chosen:
-            _prepare(pair.prepare, study.device, study.threads)
+        _prepare([c for pair in chosen for c in pair.prepare], study.device, study.threads, jobs)
     plans = {pair.name: study_plan(study, pair, load_records(pair.records)) for pair in chosen}
     all_records = [r for pair in chosen for r in load_records(pair.records)]
 
@@ -1141,7 +1191,7 @@ def _common_report_args(q: argparse.ArgumentParser) -> None:
     q.add_argument('--only', nargs='*', help='report only these config names (in this order)')
     q.add_argument('--where', action='append', default=[], metavar='KEY=VALUE',
                    help='report only records whose override KEY is VALUE (or that do not set KEY)')
-    q.add_argument('--plots', help='directory for PNG plots')
+    q.add_argument('--plots', help='directory for PNG plots (with --study: SPEC_NAME.png there)')
     q.add_argument('--lr_key', default='train.optimizer.kwargs.lr', help='override key of the learning rate')
     q.add_argument('--title', default='', help='prefix of plot titles')
     q.add_argument('--summary_json', '--json', dest='summary_json', help='write the summary rows here')
@@ -1208,7 +1258,47 @@ def report(args, records: list[dict]) -> list[dict]:
     return rows
 
 
-def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: str | None = None) -> str:
+def plot_study(summary: Sequence[dict], titles: Mapping[str, str], baseline: str | None, path: Path) -> Path:
+    """One row per pair: test accuracy per arm (mean, 95 % interval, seeds as dots) and, with a
+    baseline, each arm's paired difference to it over the same seeds (mean and 95 % interval)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    pairs = list(dict.fromkeys(r['pair'] for r in summary))
+    cols = 2 if baseline else 1
+    fig, axes = plt.subplots(len(pairs), cols, figsize=(5.5 * cols, 3.6 * len(pairs)), squeeze=False)
+    for row, pair in zip(axes, pairs):
+        rows = [r for r in summary if r['pair'] == pair]
+        xs = list(range(len(rows)))
+        ax = row[0]
+        ax.errorbar(xs, [r['test_mean'] for r in rows], yerr=[r['test_ci95'] for r in rows], fmt='o', capsize=4)
+        for x, r in zip(xs, rows):
+            ax.scatter([x] * len(r['per_seed']), list(r['per_seed'].values()), s=10, alpha=0.4, color='gray')
+        ax.set_ylabel('test accuracy (%)')
+        ax.set_title(titles.get(pair, pair), fontsize=9)
+        if baseline:
+            ax = row[1]
+            diffs = [(x, r['vs_baseline']) for x, r in zip(xs, rows) if r['vs_baseline']]
+            ax.axhline(0.0, color='gray', lw=1)
+            ax.errorbar([x for x, _ in diffs], [d['mean'] for _, d in diffs], yerr=[d['ci95'] for _, d in diffs],
+                        fmt='o', capsize=4, color='C1')
+            ax.set_ylabel(f'paired difference to {baseline} (points)')
+            ax.set_title(f'{pair}: vs {baseline} over the same seeds, 95 % CI', fontsize=9)
+        for ax in row:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([r['arm'] for r in rows], rotation=30, ha='right')
+            ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp.png')
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)  # never a half-written plot
+    return path
+
+
+def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: str | None = None,
+                 plots: str | None = None) -> str:
     study = load_study(spec)
     chosen = _pick(study, pairs)
     by_pair = {}
@@ -1221,6 +1311,11 @@ def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: st
     sys.stdout.flush()
     if summary_json:
         atomic_write_json(rows, summary_json)
+    if plots:
+        titles = {p.name: p.title for p in chosen}
+        baseline = chosen[0].baseline if len({p.baseline for p in chosen}) == 1 else None
+        written = plot_study(rows, titles, baseline, Path(plots) / f'{study.name}.png')
+        print(f'wrote {written}', file=sys.stderr)  # stdout is the tables (README, tests)
     return text
 
 
@@ -1257,7 +1352,7 @@ def main(argv=None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         with _quiet_training_logs():
-            _prepare(args.prepare, args.device, args.threads)
+            _prepare(args.prepare, args.device, args.threads, args.jobs)
             records = run_ablation(args.configs, args.seeds, _parse_grid(args.grid), _parse_sets(args.sets),
                                    args.out, args.device, args.isolate, args.jobs, args.threads, args.workdir)
         report(args, records)
@@ -1265,10 +1360,19 @@ def main(argv=None) -> int:
     if args.study:
         if args.out:
             raise SystemExit('report: give --study SPEC or --out FILES, not both')
-        report_study(args.study, args.pairs, args.summary_json)
+        ignored = [flag for flag, value in (('--tune', args.tune), ('--baseline', args.baseline), ('--only', args.only),
+                                            ('--where', args.where), ('--title', args.title),
+                                            ('--lr_key', args.lr_key != 'train.optimizer.kwargs.lr')) if value]
+        if ignored:
+            raise SystemExit(f'report --study: {", ".join(ignored)} appl{"y" if len(ignored) > 1 else "ies"} to '
+                             f'--out reports only (a study spec sets its own baseline and grids); with --study give '
+                             f'--pairs, --summary_json, --plots')
+        report_study(args.study, args.pairs, args.summary_json, args.plots)
         return 0
     if not args.out:
         raise SystemExit('report: give --study SPEC or --out FILES')
+    if args.pairs:
+        raise SystemExit('report: --pairs applies to --study reports only')
     report(args, [r for path in args.out for r in load_records(path)])
     return 0
 
