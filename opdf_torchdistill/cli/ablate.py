@@ -1007,7 +1007,8 @@ def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'al
     stream = stream if stream is not None else sys.stdout
     chosen = _pick(study, pairs)
     if not dry_run:
-        _prepare([c for pair in chosen for c in pair.prepare], study.device, study.threads, jobs)
+        teachers = list(dict.fromkeys(c for pair in chosen for c in pair.prepare))  # pairs may share one
+        _prepare(teachers, study.device, study.threads, jobs)
     plans = {pair.name: study_plan(study, pair, load_records(pair.records)) for pair in chosen}
     all_records = [r for pair in chosen for r in load_records(pair.records)]
 
