@@ -303,3 +303,12 @@ def test_prepare_resumes_an_interrupted_teacher_instead_of_reusing_its_best_chec
     with pytest.raises(ablate.StudyError, match=r'teacher training failed \(exit status 1\)(.|\n)*out of memory'):
         ablate._prepare([str(config)], 'cpu')
 
+
+def test_committed_fashion_tables_are_reproduced_from_their_records(capsys, monkeypatch):
+    """The README's Fashion-MNIST tables, byte for byte, from the committed records (none stale)."""
+    monkeypatch.chdir(ROOT)  # the spec's paths are relative to the repository root
+    expected = (ROOT / 'docs' / 'results' / 'fashion.md').read_text()
+    assert ablate.main(['report', '--study', str(ROOT / 'configs' / 'fashion' / 'study.yaml')]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected and 'stale' not in captured.err.lower() and 'missing' not in captured.out
+    assert expected in (ROOT / 'README.md').read_text()

@@ -1259,15 +1259,16 @@ def report(args, records: list[dict]) -> list[dict]:
     return rows
 
 
-def plot_study(summary: Sequence[dict], titles: Mapping[str, str], baseline: str | None, path: Path) -> Path:
-    """One row per pair: test accuracy per arm (mean, 95 % interval, seeds as dots) and, with a
-    baseline, each arm's paired difference to it over the same seeds (mean and 95 % interval)."""
+def plot_study(summary: Sequence[dict], titles: Mapping[str, str], baselines: Mapping[str, str | None],
+               path: Path) -> Path:
+    """One row per pair: test accuracy per arm (mean, 95 % interval, seeds as dots) and, where the pair
+    has a baseline, each arm's paired difference to it over the same seeds (mean and 95 % interval)."""
+    import textwrap
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     pairs = list(dict.fromkeys(r['pair'] for r in summary))
-    cols = 2 if baseline else 1
-    fig, axes = plt.subplots(len(pairs), cols, figsize=(5.5 * cols, 3.6 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(11, 3.9 * len(pairs)), squeeze=False)
     for row, pair in zip(axes, pairs):
         rows = [r for r in summary if r['pair'] == pair]
         xs = list(range(len(rows)))
@@ -1276,23 +1277,27 @@ def plot_study(summary: Sequence[dict], titles: Mapping[str, str], baseline: str
         for x, r in zip(xs, rows):
             ax.scatter([x] * len(r['per_seed']), list(r['per_seed'].values()), s=10, alpha=0.4, color='gray')
         ax.set_ylabel('test accuracy (%)')
-        ax.set_title(titles.get(pair, pair), fontsize=9)
+        ax.set_title(textwrap.fill(titles.get(pair, pair), 60), fontsize=8)
+        baseline = baselines.get(pair)
+        ax = row[1]
         if baseline:
-            ax = row[1]
             diffs = [(x, r['vs_baseline']) for x, r in zip(xs, rows) if r['vs_baseline']]
             ax.axhline(0.0, color='gray', lw=1)
             ax.errorbar([x for x, _ in diffs], [d['mean'] for _, d in diffs], yerr=[d['ci95'] for _, d in diffs],
                         fmt='o', capsize=4, color='C1')
             ax.set_ylabel(f'paired difference to {baseline} (points)')
-            ax.set_title(f'{pair}: vs {baseline} over the same seeds, 95 % CI', fontsize=9)
-        for ax in row:
+            ax.set_title(f'{pair}: each arm minus {baseline} over the same seeds, 95 % CI', fontsize=8)
+        else:
+            ax.axis('off')
+        for ax in row[:2 if baseline else 1]:
             ax.set_xticks(xs)
             ax.set_xticklabels([r['arm'] for r in rows], rotation=30, ha='right')
+            ax.set_xlim(-0.5, len(rows) - 0.5)
             ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + '.tmp.png')
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)  # never a half-written plot
     return path
@@ -1313,9 +1318,8 @@ def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: st
     if summary_json:
         atomic_write_json(rows, summary_json)
     if plots:
-        titles = {p.name: p.title for p in chosen}
-        baseline = chosen[0].baseline if len({p.baseline for p in chosen}) == 1 else None
-        written = plot_study(rows, titles, baseline, Path(plots) / f'{study.name}.png')
+        written = plot_study(rows, {p.name: p.title for p in chosen}, {p.name: p.baseline for p in chosen},
+                             Path(plots) / f'{study.name}.png')
         print(f'wrote {written}', file=sys.stderr)  # stdout is the tables (README, tests)
     return text
 
