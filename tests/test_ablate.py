@@ -150,6 +150,10 @@ def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace
         ablate.main(['report', '--study', str(spec), '--tune', LR, '--baseline', 'kd'])
     with pytest.raises(SystemExit, match='--pairs applies to --study reports only'):
         ablate.main(['report', '--out', str(workspace / 'toy.jsonl'), '--pairs', 'toy'])
+    assert ablate.main(['study', str(workspace / 'studdy.yaml'), '--dry_run']) == 1  # a message, not a traceback
+    assert ablate.main(['report', '--study', str(spec), '--pairs', 'toyy']) == 1
+    err = capsys.readouterr().err
+    assert 'error: study spec' in err and 'studdy.yaml does not exist' in err and "no pairs ['toyy']" in err
     assert [r['arm'] for r in rows] == ['kd', 'opdf'] and rows[1]['vs_baseline']['n'] == 3
 
     # a config edit: the report leaves kd's records out (and says so); the next run trains them again

@@ -646,24 +646,41 @@ def format_summary(rows: Sequence[dict], tune: Sequence[str] = (), baseline: str
 # ----------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------
+def _save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Write a figure through a temporary file and a rename (never a half-written plot), then close it."""
+    import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp.png')
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _accuracy_panel(ax, labels: Sequence[str], means: Sequence[float], cis: Sequence[float],
+                    per_seed: Sequence[Iterable[float]]) -> None:
+    """Test accuracy per method: mean with its 95 % interval, each seed as a grey dot."""
+    xs = list(range(len(labels)))
+    ax.errorbar(xs, means, yerr=cis, fmt='o', capsize=4)
+    for x, seeds in zip(xs, per_seed):
+        seeds = list(seeds)
+        ax.scatter([x] * len(seeds), seeds, s=10, alpha=0.4, color='gray')
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=30, ha='right')
+    ax.set_ylabel('test accuracy (%)')
+    ax.grid(axis='y', alpha=0.3)
+
+
 def plot_methods(rows: Sequence[dict], path: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(rows), 4))
-    xs = range(len(rows))
-    ax.errorbar(xs, [r['test_mean'] for r in rows], yerr=[r['test_ci95'] for r in rows], fmt='o', capsize=4)
-    for x, r in zip(xs, rows):
-        ax.scatter([x] * len(r['per_seed']), list(r['per_seed'].values()), s=10, alpha=0.4, color='gray')
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r['name'] for r in rows], rotation=30, ha='right')
-    ax.set_ylabel('test accuracy (%)')
+    _accuracy_panel(ax, [r['name'] for r in rows], [r['test_mean'] for r in rows], [r['test_ci95'] for r in rows],
+                    [r['per_seed'].values() for r in rows])
     ax.set_title(title)
-    ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_ratio(rows: Sequence[dict], path: Path, title: str) -> Path | None:
@@ -688,9 +705,7 @@ def plot_ratio(rows: Sequence[dict], path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_lr(rows: Sequence[dict], lr_key: str, path: Path, title: str) -> Path | None:
@@ -726,9 +741,7 @@ def plot_lr(rows: Sequence[dict], lr_key: str, path: Path, title: str) -> Path |
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 
@@ -991,12 +1004,12 @@ def _prepare(configs: Sequence[str], device: str, threads: int | None = None, jo
         with open(log, 'a') as out:
             code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
         if code != 0:
-            tail = ''.join(open(log).readlines()[-15:])
+            tail = '\n'.join(log.read_text().splitlines()[-15:])
             raise StudyError(f'{config}: teacher training failed (exit status {code}); end of {log}:\n{tail}')
         acc = json.loads(metrics.read_text()).get('test', {}).get('acc1', math.nan)
         return f'{config}: test acc@1 {acc:.2f} ({_fmt_duration(time.perf_counter() - start)})'
 
-    with ThreadPoolExecutor(max(1, min(jobs, len(pending) or 1))) as pool:
+    with ThreadPoolExecutor(max(1, min(jobs, len(pending)))) as pool:
         for line in pool.map(train, pending):
             print(line, flush=True)
 
@@ -1272,35 +1285,26 @@ def plot_study(summary: Sequence[dict], titles: Mapping[str, str], baselines: Ma
     for row, pair in zip(axes, pairs):
         rows = [r for r in summary if r['pair'] == pair]
         xs = list(range(len(rows)))
-        ax = row[0]
-        ax.errorbar(xs, [r['test_mean'] for r in rows], yerr=[r['test_ci95'] for r in rows], fmt='o', capsize=4)
-        for x, r in zip(xs, rows):
-            ax.scatter([x] * len(r['per_seed']), list(r['per_seed'].values()), s=10, alpha=0.4, color='gray')
-        ax.set_ylabel('test accuracy (%)')
-        ax.set_title(textwrap.fill(titles.get(pair, pair), 60), fontsize=8)
-        baseline = baselines.get(pair)
-        ax = row[1]
-        if baseline:
-            diffs = [(x, r['vs_baseline']) for x, r in zip(xs, rows) if r['vs_baseline']]
-            ax.axhline(0.0, color='gray', lw=1)
-            ax.errorbar([x for x, _ in diffs], [d['mean'] for _, d in diffs], yerr=[d['ci95'] for _, d in diffs],
-                        fmt='o', capsize=4, color='C1')
-            ax.set_ylabel(f'paired difference to {baseline} (points)')
-            ax.set_title(f'{pair}: each arm minus {baseline} over the same seeds, 95 % CI', fontsize=8)
-        else:
+        labels = [r['arm'] for r in rows]
+        _accuracy_panel(row[0], labels, [r['test_mean'] for r in rows], [r['test_ci95'] for r in rows],
+                        [r['per_seed'].values() for r in rows])
+        row[0].set_title(textwrap.fill(titles.get(pair, pair), 60), fontsize=8)
+        baseline, ax = baselines.get(pair), row[1]
+        if not baseline:
             ax.axis('off')
-        for ax in row[:2 if baseline else 1]:
-            ax.set_xticks(xs)
-            ax.set_xticklabels([r['arm'] for r in rows], rotation=30, ha='right')
-            ax.set_xlim(-0.5, len(rows) - 0.5)
-            ax.grid(axis='y', alpha=0.3)
+            continue
+        diffs = [(x, r['vs_baseline']) for x, r in zip(xs, rows) if r['vs_baseline']]
+        ax.axhline(0.0, color='gray', lw=1)
+        ax.errorbar([x for x, _ in diffs], [d['mean'] for _, d in diffs], yerr=[d['ci95'] for _, d in diffs],
+                    fmt='o', capsize=4, color='C1')
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=30, ha='right')
+        ax.set_xlim(row[0].get_xlim())  # the same arm under the same tick in both panels
+        ax.set_ylabel(f'paired difference to {baseline} (points)')
+        ax.set_title(f'{pair}: each arm minus {baseline} over the same seeds, 95 % CI', fontsize=8)
+        ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp.png')
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)  # never a half-written plot
-    return path
+    return _save_figure(fig, path, dpi=100)
 
 
 def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: str | None = None,
@@ -1338,8 +1342,18 @@ def _quiet_training_logs():
 
 
 def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status (0: done, 1: a clear error was printed)."""
+    from .train import _USER_ERRORS
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        return _main(args)
+    except _USER_ERRORS as exc:  # a wrong path, spec key or pair name: the message says which
+        print(f'error: {exc}', file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
     if args.command == 'study':
         study = load_study(args.spec)
         if args.jobs < 1:
