@@ -84,6 +84,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help='load FILE even though it is not plain tensor data (unpickling it can run code: only for '
                         'files whose origin you know); repeat for several files')
     p.add_argument('--dst_ckpt', help='where the best student checkpoint goes (overrides the config\'s dst_ckpt)')
+    p.add_argument('--force', action='store_true',
+                   help='start a fresh run even though dst_ckpt or its .last.pt exist (they are replaced); without '
+                        'it such a run is refused (continue one with --resume)')
     p.add_argument('--stop_after', type=int, metavar='N',
                    help='leave after N epochs of this invocation (time-limited jobs); continue with --resume')
     p.add_argument('--metrics_json', '--json', dest='metrics_json',
