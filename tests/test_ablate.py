@@ -8,7 +8,9 @@ import threading
 import pytest
 from scipy import stats
 
+from opdf_torchdistill import study
 from opdf_torchdistill.cli import ablate
+from opdf_torchdistill.study import records as study_records, runner
 from conftest import ROOT
 
 LR = 'train.optimizer.kwargs.lr'
@@ -41,27 +43,27 @@ def workspace(tmp_path):
 # -- keys and stale records ---------------------------------------------------------------------
 def test_record_key_follows_the_resolved_config(workspace):
     config = str(workspace / 'kd.yaml')
-    key = ablate.run_key(config, 0)
-    assert ablate.resolved_config(config)['datasets']['d/train']['__tag__'] == '!import_call'  # not executed
-    assert ablate.run_key(config, 0) == key and ablate.run_key(config, 1) != key
-    assert ablate.run_key(config, 0, {LR: 0.2}) != key
-    assert ablate.run_key(config, 0, {LR: 0.1}) == key  # an override equal to the config: the same run
-    assert ablate.run_key(config, 0, name='other') != key and ablate.run_key(config, 0, device='cuda') != key
+    key = study.run_key(config, 0)
+    assert study.resolved_config(config)['datasets']['d/train']['__tag__'] == '!import_call'  # not executed
+    assert study.run_key(config, 0) == key and study.run_key(config, 1) != key
+    assert study.run_key(config, 0, {LR: 0.2}) != key
+    assert study.run_key(config, 0, {LR: 0.1}) == key  # an override equal to the config: the same run
+    assert study.run_key(config, 0, name='other') != key and study.run_key(config, 0, device='cuda') != key
     text = (workspace / 'kd.yaml').read_text()
     (workspace / 'kd.yaml').write_text('# only a comment changed\n' + text.replace('./runs/kd.pt', './elsewhere.pt'))
-    assert ablate.run_key(config, 0) == key  # comments and dst_ckpt do not change what a run computes
+    assert study.run_key(config, 0) == key  # comments and dst_ckpt do not change what a run computes
     (workspace / 'kd.yaml').write_text(text.replace('num_epochs: 3', 'num_epochs: 4'))
-    edited = ablate.run_key(config, 0)
+    edited = study.run_key(config, 0)
     assert edited != key
     (workspace / 'teacher.pt').write_bytes(b'teacher weights v2')  # a retrained teacher
-    assert ablate.run_key(config, 0) != edited
-    identity = ablate.run_identity(config, 0)
-    assert identity.inputs == {str(workspace / 'teacher.pt'): ablate._file_sha.__wrapped__(
+    assert study.run_key(config, 0) != edited
+    identity = study.run_identity(config, 0)
+    assert identity.inputs == {str(workspace / 'teacher.pt'): study_records._file_sha.__wrapped__(
         str(workspace / 'teacher.pt'), ())} and set(identity.versions) == {'opdf_torchdistill', 'torchdistill', 'torch'}
     with pytest.raises(FileNotFoundError, match='nope.yaml does not exist'):
-        ablate.run_key(str(workspace / 'nope.yaml'), 0)
+        study.run_key(str(workspace / 'nope.yaml'), 0)
     with pytest.raises(ValueError, match="no key 'lrr'"):
-        ablate.run_key(config, 0, {'train.optimizer.kwargs.lrr': 0.1})
+        study.run_key(config, 0, {'train.optimizer.kwargs.lrr': 0.1})
 
 
 def _fake_execute(config, seed, overrides, workdir, device, isolate, threads=None):
@@ -118,11 +120,11 @@ Paired differences to kd over the same seeds; two-sided paired t-test; Holm corr
 
 def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(ablate, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
+    monkeypatch.setattr(runner, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
     spec = _spec(workspace)
-    study = ablate.load_study(spec)
+    spec_ = study.load_study(spec)
     out = io.StringIO()
-    ablate.run_study(study, stream=out)
+    study.run_study(spec_, stream=out)
     assert len(calls) == 3 * 2 + 6 * 2 + 2 * 3  # selection (points x 2 seeds), then 3 seeds per arm
     progress = out.getvalue()
     assert 'phase all: 0/24 runs done' in progress and '[24/24 runs done, mean run' in progress
@@ -130,10 +132,10 @@ def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace
     final = [c for c in calls if c[1] in (0, 1, 2)]
     assert {(c[0].rsplit('/', 1)[-1], c[2][LR], c[2].get(LAMBDA)) for c in final} == {
         ('kd.yaml', 0.1, None), ('opdf.yaml', 0.05, 1.0)}  # opdf lr 0.2 scored best but diverged once
-    records = ablate.load_records(workspace / 'toy.jsonl')
+    records = study.load_records(workspace / 'toy.jsonl')
     assert len(records) == 24 and {r['phase'] for r in records} == {'select', 'final'}
     assert all(r['config_hash'] and r['versions'] and r['inputs'] for r in records)
-    ablate.run_study(ablate.load_study(spec), stream=io.StringIO())
+    study.run_study(study.load_study(spec), stream=io.StringIO())
     assert len(calls) == 24  # all recorded: nothing trains again
 
     capsys.readouterr()
@@ -164,9 +166,9 @@ def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace
     assert 'WARNING: 9 record(s) left out: their config changed since they ran' in edited.err
     assert '| kd | 0.05 | - | missing 2/2 |  |' in edited.out
     assert '| kd | - | - | - | - | - | - | - | - | - |' in edited.out
-    stale = ablate.find_stale(ablate.load_records(workspace / 'toy.jsonl'))
+    stale = study.find_stale(study.load_records(workspace / 'toy.jsonl'))
     assert len(stale['stale']) == 9 and {r['name'] for r in stale['stale']} == {'kd'}
-    ablate.run_study(ablate.load_study(spec), stream=io.StringIO())
+    study.run_study(study.load_study(spec), stream=io.StringIO())
     assert len(calls) == 24 + 9
     (workspace / 'kd.yaml').write_text(text)  # back as it was: the first records count again
     assert ablate.main(['report', '--study', str(spec)]) == 0
@@ -174,7 +176,7 @@ def test_study_selects_on_validation_resumes_and_reports_byte_for_byte(workspace
 
 
 def test_paired_statistics_and_holm_on_known_numbers():
-    d = ablate.paired_difference({0: 91.0, 1: 92.0, 2: 94.0, 9: 50.0}, {0: 90.0, 1: 90.0, 2: 90.0})
+    d = study.paired_difference({0: 91.0, 1: 92.0, 2: 94.0, 9: 50.0}, {0: 90.0, 1: 90.0, 2: 90.0})
     diffs = [1.0, 2.0, 4.0]
     sd = math.sqrt(sum((x - 7 / 3) ** 2 for x in diffs) / 2)
     t = (7 / 3) / (sd / math.sqrt(3))
@@ -182,19 +184,19 @@ def test_paired_statistics_and_holm_on_known_numbers():
     assert d['ci95'] == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
     assert d['p'] == pytest.approx(2 * stats.t.sf(t, 2)) and d['p'] == pytest.approx(0.1181, abs=1e-4)
     # Holm: sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
-    assert ablate.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    adjusted = ablate.holm([0.5, math.nan, 0.2])
+    assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = study.holm([0.5, math.nan, 0.2])
     assert adjusted[0] == pytest.approx(0.5) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.4)
-    assert ablate.holm([0.6, 0.7]) == [1.0, 1.0] and ablate.holm([]) == []
+    assert study.holm([0.6, 0.7]) == [1.0, 1.0] and study.holm([]) == []
 
 
 def test_progress_eta_uses_each_arms_mean_time():
     out = io.StringIO()
-    progress = ablate.Progress(total=5, done=1, times={'a': [10.0, 30.0], 'b': [60.0]}, stream=out)
+    progress = study.Progress(total=5, done=1, times={'a': [10.0, 30.0], 'b': [60.0]}, stream=out)
     assert progress.mean('a') == 20.0 and progress.mean('c') == pytest.approx(100 / 3)
     assert progress.line(['a', 'b', 'c']) == '1/5 runs done, mean run 0:00:33, ETA 0:01:53'
-    assert ablate.Progress(3, 0).line(['a']) == '0/3 runs done, mean run unknown, ETA unknown'
-    two = ablate.Progress(total=5, done=1, times={'a': [10.0, 30.0], 'b': [60.0]}, jobs=2)
+    assert study.Progress(3, 0).line(['a']) == '0/3 runs done, mean run unknown, ETA unknown'
+    two = study.Progress(total=5, done=1, times={'a': [10.0, 30.0], 'b': [60.0]}, jobs=2)
     assert two.line(['a', 'b', 'c']) == '1/5 runs done, mean run 0:00:33, ETA 0:00:57'  # two runs at a time
     progress.finished({'name': 'b', 'seed': 0, 'overrides': {LR: 0.1}, 'status': 'ok', 'wall_seconds': 60.0,
                        'metrics': {'test_acc1': 90.0, 'best_val_acc1': 91.0}, 'phase': 'final'}, ['b'])
@@ -204,20 +206,20 @@ def test_progress_eta_uses_each_arms_mean_time():
 
 def test_records_are_appended_atomically_and_concurrently(tmp_path):
     path = tmp_path / 'r.jsonl'
-    ablate.append_record({'key': 'a', 'status': 'failed'}, path)
-    ablate.append_record({'key': 'a', 'status': 'ok'}, path)  # a retried run replaces its failed record
-    threads = [threading.Thread(target=ablate.append_record, args=({'key': f'k{i}', 'status': 'ok'}, path))
+    study.append_record({'key': 'a', 'status': 'failed'}, path)
+    study.append_record({'key': 'a', 'status': 'ok'}, path)  # a retried run replaces its failed record
+    threads = [threading.Thread(target=study.append_record, args=({'key': f'k{i}', 'status': 'ok'}, path))
                for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    records = ablate.load_records(path)
+    records = study.load_records(path)
     assert records[0] == {'key': 'a', 'status': 'ok'} and len(records) == 17
     assert not list(tmp_path.glob('.*')) and not list(tmp_path.glob('*.lock'))  # nothing left beside the records
     path.write_text(path.read_text() + '{"key": \n')
     with pytest.raises(ValueError, match=r'r.jsonl:18: not a JSON record'):
-        ablate.load_records(path)
+        study.load_records(path)
 
 
 def test_study_spec_errors_name_the_key(workspace):
@@ -232,19 +234,19 @@ def test_study_spec_errors_name_the_key(workspace):
         broken = json.loads(json.dumps(spec))
         edit(broken)
         bad.write_text(json.dumps(broken))
-        with pytest.raises((ablate.StudyError, FileNotFoundError), match=message):
-            ablate.load_study(bad)
-    with pytest.raises(ablate.StudyError, match=r"no pairs \['cnn'\]; pairs: \['toy'\]"):
-        ablate.run_study(ablate.load_study(_spec(workspace)), ['cnn'], dry_run=True)
+        with pytest.raises((study.StudyError, FileNotFoundError), match=message):
+            study.load_study(bad)
+    with pytest.raises(study.StudyError, match=r"no pairs \['cnn'\]; pairs: \['toy'\]"):
+        study.run_study(study.load_study(_spec(workspace)), ['cnn'], dry_run=True)
 
 
 def test_the_fashion_study_plans_every_arm(capsys):
-    study = ablate.load_study(ROOT / 'configs' / 'fashion' / 'study.yaml')
+    fashion = study.load_study(ROOT / 'configs' / 'fashion' / 'study.yaml')
     out = io.StringIO()
-    ablate.run_study(study, dry_run=True, stream=out)
+    study.run_study(fashion, dry_run=True, stream=out)
     assert re.search(r"pairs \['cnn', 'cnn_at', 'vit'\], phase all: \d+/139 runs done", out.getvalue())
-    for pair in study.pairs:
-        plan = ablate.study_plan(study, pair, [])
+    for pair in fashion.pairs:
+        plan = study.study_plan(fashion, pair, [])
         assert len(plan['select']) == (9 if pair.name == 'cnn_at' else 30)
         assert plan['unplanned'] == [a.name for a in pair.arms for _ in pair.seeds]
         assert len({t.identity.key for t in plan['select']}) == len(plan['select'])  # every run has its own key
@@ -275,11 +277,11 @@ def test_prepare_resumes_an_interrupted_teacher_instead_of_reusing_its_best_chec
     dst = tmp_path / 'runs' / 'teacher.pt'
     config.write_text(f"models: {{model: {{key: 'net', dst_ckpt: '{dst}'}}}}\ntrain: {{num_epochs: 3}}\n")
     last = dst.with_name('teacher.last.pt')
-    assert ablate.teacher_state(str(config)) == ('missing', str(dst))
+    assert study.teacher_state(str(config)) == ('missing', str(dst))
     dst.parent.mkdir()
     torch.save({'model': {}}, dst)  # the best checkpoint is written from the first epoch on
     torch.save({'epoch': 1}, last)
-    assert ablate.teacher_state(str(config))[0] == 'resume'
+    assert study.teacher_state(str(config))[0] == 'resume'
     calls = []
 
     def fake_run(argv, stdout, stderr):
@@ -290,22 +292,22 @@ def test_prepare_resumes_an_interrupted_teacher_instead_of_reusing_its_best_chec
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(subprocess, 'run', fake_run)
-    ablate._prepare([str(config)], 'cpu', 1, jobs=2)
+    study.prepare_teachers([str(config)], 'cpu', 1, jobs=2)
     assert len(calls) == 1 and calls[0][-1] == '--resume' and calls[0][calls[0].index('--threads') + 1] == '1'
     out = capsys.readouterr().out
     assert 'resuming' in out and 'unfinished' in out and 'test acc@1 91.50' in out
     torch.save({'epoch': 3}, last)
-    assert ablate.teacher_state(str(config))[0] == 'done'
-    ablate._prepare([str(config)], 'cpu', 1)
+    assert study.teacher_state(str(config))[0] == 'done'
+    study.prepare_teachers([str(config)], 'cpu', 1)
     assert len(calls) == 1 and 'training finished), reused' in capsys.readouterr().out
     last.unlink()  # a teacher given by the user (no .last.pt): reused as it is
-    assert ablate.teacher_state(str(config))[0] == 'done'
+    assert study.teacher_state(str(config))[0] == 'done'
 
     monkeypatch.setattr(subprocess, 'run', lambda argv, stdout, stderr: (
         stdout.write('Traceback ...\nRuntimeError: out of memory\n'), subprocess.CompletedProcess(argv, 1))[1])
     dst.unlink()
-    with pytest.raises(ablate.StudyError, match=r'teacher training failed \(exit status 1\)(.|\n)*out of memory'):
-        ablate._prepare([str(config)], 'cpu')
+    with pytest.raises(study.StudyError, match=r'teacher training failed \(exit status 1\)(.|\n)*out of memory'):
+        study.prepare_teachers([str(config)], 'cpu')
 
 
 def test_committed_fashion_tables_are_reproduced_from_their_records(capsys, monkeypatch):
@@ -316,3 +318,19 @@ def test_committed_fashion_tables_are_reproduced_from_their_records(capsys, monk
     captured = capsys.readouterr()
     assert captured.out == expected and 'stale' not in captured.err.lower() and 'missing' not in captured.out
     assert expected in (ROOT / 'README.md').read_text()
+
+
+def test_the_study_package_does_not_import_the_command_line_layer():
+    """``opdf_torchdistill/study`` imports ``opdf_torchdistill.cli`` nowhere at module level; the runner
+    starts the trainer as a program, and its rule for the resume checkpoint is the trainer's."""
+    import ast
+    from opdf_torchdistill.cli.train import last_ckpt_path
+    eager = []
+    for path in sorted((ROOT / 'opdf_torchdistill' / 'study').glob('*.py')):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                ['.' * node.level + (node.module or '')] if isinstance(node, ast.ImportFrom) else []
+            eager += [f'{path.name}: {n}' for n in names if n.startswith(('..cli', 'opdf_torchdistill.cli'))]
+    assert not eager, eager
+    for dst in ('runs/teacher.pt', '~/t/x.pth', 'a.b/c'):
+        assert runner._last_ckpt_path(dst) == last_ckpt_path(dst)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from opdf_torchdistill import study
 from opdf_torchdistill.cli import ablate
+from opdf_torchdistill.study import runner
 from opdf_torchdistill.cli.train import get_parser, run
 from opdf_torchdistill.data import Digits, digits_split_indices
 from conftest import ROOT
@@ -84,7 +86,7 @@ def _fake_execute(config, seed, overrides, workdir, device, isolate, *rest):
 
 def test_ablation_runner_resumes_and_aggregates(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ablate, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
+    monkeypatch.setattr(runner, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
     out = tmp_path / 'runs.jsonl'
     for name in ('a', 'b'):  # record keys hash the resolved config, so the configs must exist
         (tmp_path / f'{name}.yaml').write_text(f'lr: 0.1\nmodels: {{model: {{key: {name}}}}}\n')
@@ -92,22 +94,22 @@ def test_ablation_runner_resumes_and_aggregates(tmp_path, monkeypatch):
     args = ['run', '--configs', a, b, '--seeds', '0', '1', '2', '--grid', 'lr=0.01,0.1,1.0',
             '--out', str(out), '--tune', 'lr', '--baseline', 'a', '--plots', str(tmp_path / 'plots'), '--lr_key', 'lr']
     assert ablate.main(args) == 0
-    assert len(calls) == 18 and len(ablate.load_records(out)) == 18
+    assert len(calls) == 18 and len(study.load_records(out)) == 18
     assert ablate.main(args) == 0
     assert len(calls) == 18  # everything recorded: nothing re-run
-    records = ablate.load_records(out)
+    records = study.load_records(out)
     records = [r for r in records if not (r['name'] == 'a' and r['seed'] == 2 and r['overrides']['lr'] == 0.01)]
     out.write_text(''.join(json.dumps(r) + '\n' for r in records))
     assert ablate.main(args) == 0
     assert len(calls) == 19  # only the missing run
-    rows = {r['name']: r for r in ablate.summarize(ablate.load_records(out), ['lr'], 'a')}
+    rows = {r['name']: r for r in study.summarize(study.load_records(out), ['lr'], 'a')}
     assert rows['a']['overrides']['lr'] == 0.1 and rows['b']['overrides']['lr'] == 0.1
-    mean, std, half = ablate.mean_ci([90.0, 90.5, 91.0])
+    mean, std, half = study.mean_ci([90.0, 90.5, 91.0])
     assert rows['a']['test_mean'] == pytest.approx(90.5) == pytest.approx(mean)
     assert rows['a']['test_std'] == pytest.approx(0.5) and rows['a']['test_ci95'] == pytest.approx(half)
     assert half == pytest.approx(4.302652729911275 * 0.5 / math.sqrt(3))  # t(0.975, 2 df)
     d = rows['b']['vs_baseline']
     assert d['n'] == 3 and d['mean'] == pytest.approx(1.0) and d['p'] == 0.0
-    diverged = [r for r in ablate.summarize(ablate.load_records(out)) if r['name'] == 'b' and r['overrides']['lr'] == 1.0]
+    diverged = [r for r in study.summarize(study.load_records(out)) if r['name'] == 'b' and r['overrides']['lr'] == 1.0]
     assert diverged[0]['diverged'] == 3 and diverged[0]['n'] == 0
     assert (tmp_path / 'plots' / 'methods.png').exists() and (tmp_path / 'plots' / 'lr.png').exists()

@@ -214,8 +214,8 @@ def test_vit_student_init_errors(tmp_path):
 
 # -- recipes ------------------------------------------------------------------------------------
 def test_recipes_and_study_spec_are_consistent():
-    from opdf_torchdistill.cli import ablate
-    study = ablate.load_study(FASHION / 'study.yaml')
+    from opdf_torchdistill import study as studies
+    study = studies.load_study(FASHION / 'study.yaml')
     assert [p.name for p in study.pairs] == ['cnn', 'cnn_at', 'vit']
     for pair in study.pairs:
         if pair.name == 'cnn_at':  # attention transfer with and without OPDF, on the CNN pair's teacher
@@ -228,7 +228,7 @@ def test_recipes_and_study_spec_are_consistent():
             lrs = {point['train.optimizer.kwargs.lr'] for point in arm.grid}
             assert len(lrs) >= 3
             for point in arm.grid:  # every grid key exists in the config (a typo would be an error here)
-                config = ablate.resolved_config(arm.config, point)
+                config = studies.resolved_config(arm.config, point)
             student = config['models']['student_model']
             terms = config['train']['criterion']['kwargs']['sub_terms']
             mpo = student['kwargs'].get('mpo') if student['key'] == 'opdf_student' else None

@@ -1,0 +1,46 @@
+"""Ablations and studies: configs x seeds x override grids -> one JSON record per run, then statistics.
+
+The package behind ``opdf-ablate`` (``tools/ablate.py``), one concept per module:
+
+``spec``
+    study specs (``configs/fashion/study.yaml``): pairs, arms, grids, seeds; :func:`load_study`.
+``records``
+    run identity (what a record key hashes, and why), record files, stale records.
+``runner``
+    training the runs an ablation or study still needs (teachers first), progress and ETA.
+``selection``
+    the selection phase of a study: the grid point with the best validation score per arm.
+``stats``
+    95 % t-intervals, paired differences over seeds, Holm's correction, per-config summaries.
+``report``
+    the tables (Markdown for studies, plain text for ablations), byte for byte from the records.
+``plots``
+    matplotlib figures (the ``study`` extra).
+
+Nothing here imports the command-line layer (``opdf_torchdistill.cli``) at import time; the runner
+starts the trainer as a program (see :mod:`~opdf_torchdistill.study.runner`).
+
+Examples::
+
+    python tools/ablate.py study configs/fashion/study.yaml --jobs 2
+    python tools/ablate.py report --study configs/fashion/study.yaml
+    python tools/ablate.py run --configs configs/digits/kd.yaml configs/digits/kd_opdf.yaml \\
+        --seeds 0 1 2 3 4 --grid train.optimizer.kwargs.lr=0.05,0.1,0.2 --out runs/ablation/digits.jsonl
+    python tools/ablate.py report --out runs/ablation/digits.jsonl --tune train.optimizer.kwargs.lr \\
+        --baseline kd --plots runs/ablation
+"""
+from .records import (DONE, INPUT_KEYS, RunIdentity, append_record, config_hash, environment, find_stale,
+                      input_hashes, load_records, record_finder, resolved_config, run_identity, run_key,
+                      without_stale)
+from .report import format_summary, report_records, report_study, study_tables
+from .runner import Progress, Task, prepare_teachers, run_ablation, run_study, study_plan, teacher_state
+from .selection import select_settings
+from .spec import Arm, Pair, Study, StudyError, load_study, pick_pairs
+from .stats import holm, mean_ci, paired_difference, summarize
+
+__all__ = ['DONE', 'INPUT_KEYS', 'RunIdentity', 'append_record', 'config_hash', 'environment', 'find_stale',
+           'input_hashes', 'load_records', 'record_finder', 'resolved_config', 'run_identity', 'run_key',
+           'without_stale', 'format_summary', 'report_records', 'report_study', 'study_tables', 'Progress', 'Task',
+           'prepare_teachers', 'run_ablation', 'run_study', 'study_plan', 'teacher_state', 'select_settings', 'Arm',
+           'Pair', 'Study', 'StudyError', 'load_study', 'pick_pairs', 'holm', 'mean_ci', 'paired_difference',
+           'summarize']

@@ -1,0 +1,323 @@
+"""Run records: what a run's key hashes, the JSON-lines record files, and stale records.
+
+**Records.** Every finished run is one JSON object on one line of a record file: its ``key``, ``config``,
+``name`` (the arm or config stem), ``seed``, ``overrides``, ``device``, ``config_hash``, ``versions``,
+``inputs``, ``status`` (``ok``, ``diverged`` or ``failed``; a failed run is retried), ``metrics``
+(``test_acc1``, ``best_val_acc1``, parameter counts, ...), ``error``, ``wall_seconds``, ``finished``, and
+for a study its ``pair`` and ``phase``. :func:`append_record` re-reads the file under a lock and replaces
+it atomically, so concurrent runners lose nothing and the file is always complete.
+
+**Record keys.** A run's key hashes its arm name, seed, device, the *resolved* config (the YAML as
+data, anchors expanded, overrides applied, ``dst_ckpt`` left out, tags kept as data, so nothing is
+executed), the versions of opdf-torchdistill, torchdistill and torch, and the SHA-256 of every file
+the config names as ``src_ckpt`` or ``teacher_ckpt`` (the teacher). Editing a config, upgrading, or
+retraining a teacher therefore changes the key, and the run is trained again instead of silently
+reusing a stale record.
+
+**Stale records.** ``report`` recomputes the config hash of every record and leaves out (and lists on
+stderr) records whose config has changed since (:func:`find_stale`); version or teacher differences are
+listed but kept (a report may be made on another machine). Records written before config hashing
+(the digits records of the first release) are read as they are and never reused by ``run``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+
+from ..io import atomic_write_text
+from ._format import short_overrides
+
+__all__ = ['INPUT_KEYS', 'DONE', 'read_config_data', 'resolved_config', 'canonical', 'config_hash', 'input_hashes',
+           'environment', 'RunIdentity', 'run_identity', 'run_key', 'load_records', 'append_record', 'find_stale',
+           'warn_stale', 'without_stale', 'record_finder']
+
+INPUT_KEYS = ('src_ckpt', 'teacher_ckpt')  # config keys naming files whose contents a run depends on
+DONE = ('ok', 'diverged')  # statuses that are final (a failed run is retried)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolved configs
+# ----------------------------------------------------------------------------------------------
+class _DataLoader(yaml.SafeLoader):
+    """Loads a torchdistill YAML as plain data: ``!import_call`` etc. become ``{'__tag__', 'value'}``.
+
+    (This form enters every config hash: changing it would make every recorded run stale.)"""
+
+
+def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
+    if isinstance(node, yaml.MappingNode):
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return {'__tag__': '!' + suffix, 'value': value}
+
+
+_DataLoader.add_multi_constructor('!', _tagged)
+
+
+def read_config_data(config: str | os.PathLike) -> Any:
+    """A torchdistill YAML as plain data (tags recorded as ``{'__tag__': '!tag', 'value': ...}``, nothing
+    imported or called). Raises ``FileNotFoundError`` naming a missing config."""
+    path = Path(os.path.expanduser(str(config)))
+    if not path.is_file():
+        raise FileNotFoundError(f'config {path} does not exist')
+    with open(path) as f:
+        return yaml.load(f, Loader=_DataLoader)
+
+
+def resolved_config(config: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The config as data with ``overrides`` (``{dotted.key: value}``) applied; ``dst_ckpt`` removed
+    (the runner chooses it). Raises ``FileNotFoundError`` naming a missing config."""
+    # the trainer's override rules (did-you-mean errors included); a config function, not the command line
+    from ..cli.common import apply_overrides
+    data = read_config_data(config)
+    if not isinstance(data, dict):
+        raise ValueError(f'{Path(os.path.expanduser(str(config)))}: a config must be a mapping, got '
+                         f'{type(data).__name__}')
+    apply_overrides(data, [f'{k}={json.dumps(v)}' for k, v in (overrides or {}).items()])
+    for model in (data.get('models') or {}).values():
+        if isinstance(model, dict):
+            model.pop('dst_ckpt', None)
+    return data
+
+
+def canonical(obj: Any) -> str:
+    """The JSON text that is hashed: sorted keys, no spaces, anything else as ``str``."""
+    return json.dumps(obj, sort_keys=True, separators=(',', ':'), default=str)
+
+
+def _sha16(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_hash(config: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> str:
+    return _sha16(canonical(resolved_config(config, overrides)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, environment and run identity
+# ----------------------------------------------------------------------------------------------
+def _input_paths(node: Any, found: list[str]) -> list[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in INPUT_KEYS and isinstance(value, str):
+                found.append(value)
+            else:
+                _input_paths(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _input_paths(value, found)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha(path: str, stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def input_hashes(resolved: dict) -> dict[str, str]:
+    """``{path: sha256[:16] or 'missing'}`` of the files a resolved config reads (teacher checkpoints)."""
+    out = {}
+    for raw in sorted(set(_input_paths(resolved, []))):
+        path = os.path.expanduser(raw)
+        if os.path.isfile(path):
+            st = os.stat(path)
+            out[raw] = _file_sha(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
+        else:
+            out[raw] = 'missing'
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, str]:
+    """Versions that enter every record key."""
+    import torch
+    import torchdistill
+    from .. import __version__
+    return {'opdf_torchdistill': __version__, 'torchdistill': getattr(torchdistill, '__version__', 'unknown'),
+            'torch': torch.__version__}
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    key: str
+    name: str
+    config_hash: str
+    versions: dict = field(hash=False)
+    inputs: dict = field(hash=False)
+
+
+def run_identity(config: str, seed: int, overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
+                 name: str | None = None) -> RunIdentity:
+    """The key of one run (see the module docstring) and what went into it."""
+    resolved = resolved_config(config, overrides)
+    chash = _sha16(canonical(resolved))
+    name = Path(config).stem if name is None else name
+    versions, inputs = environment(), input_hashes(resolved)
+    blob = canonical({'name': name, 'config_hash': chash, 'seed': seed, 'device': device, 'versions': versions,
+                      'inputs': inputs})
+    return RunIdentity(_sha16(blob), name, chash, dict(versions), inputs)
+
+
+def run_key(config: str, seed: int, overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
+            name: str | None = None) -> str:
+    return run_identity(config, seed, overrides, device, name).key
+
+
+# ----------------------------------------------------------------------------------------------
+# Record files
+# ----------------------------------------------------------------------------------------------
+def load_records(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f'{path}:{number}: not a JSON record ({exc})') from None
+    return records
+
+
+def _save_records(records: Sequence[dict], path: str | os.PathLike) -> None:
+    atomic_write_text(''.join(json.dumps(r, sort_keys=True, default=str) + '\n' for r in records), path)
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive lock per record file (other processes appending to the same file wait); the lock file
+    lives in the temporary directory so that nothing is left next to the records."""
+    import tempfile
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with _THREAD_LOCK:
+        with open(os.path.join(tempfile.gettempdir(), f'opdf_ablate_{digest}.lock'), 'a') as handle:
+            try:
+                import fcntl
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover  (not POSIX: the thread lock still serialises this process)
+                pass
+            yield
+
+
+def append_record(record: dict, path: str | os.PathLike) -> None:
+    """Add one record, replacing an earlier one with the same key (a failed run that was retried).
+
+    The file is re-read under a lock and replaced atomically, so it is always complete, and
+    concurrent runners appending to it lose nothing.
+    """
+    path = Path(path)
+    with _locked(path):
+        records = [r for r in load_records(path) if r.get('key') != record['key']]
+        records.append(record)
+        _save_records(records, path)
+
+
+def record_finder(records: Sequence[dict], by: str) -> Callable[[str, dict, int, Any], dict | None]:
+    """``find(name, overrides, seed, ident)``: the last finished record of that run; ``by='key'`` matches
+    the full key (``ident`` a RunIdentity), ``by='hash'`` the config hash (``ident`` the hash)."""
+    index: dict[tuple, dict] = {}
+    for r in records:
+        if r.get('status') not in DONE or 'config_hash' not in r:
+            continue
+        if by == 'key':
+            index[('key', r['key'])] = r
+        else:
+            index[(r['name'], r['seed'], r['config_hash'], canonical(r.get('overrides') or {}))] = r
+
+    def find(name: str, overrides: dict, seed: int, ident: Any) -> dict | None:
+        if by == 'key':
+            return index.get(('key', ident.key))
+        return index.get((name, seed, ident, canonical(overrides)))
+    return find
+
+
+# ----------------------------------------------------------------------------------------------
+# Stale records
+# ----------------------------------------------------------------------------------------------
+def find_stale(records: Iterable[dict]) -> dict[str, list[dict]]:
+    """Sort records by what can be said of them today.
+
+    Returns ``{'stale': ..., 'unchecked': ..., 'legacy': ..., 'other_env': ..., 'other_inputs': ...}``:
+    ``stale`` records' config (with their overrides) resolves to another hash now (the config was
+    edited); ``unchecked`` name a config that no longer exists; ``legacy`` records carry no hash
+    (written before config hashing); ``other_env`` were made with other package versions, and
+    ``other_inputs`` with a teacher checkpoint that differs from the one on disk (both still usable).
+    """
+    out: dict[str, list[dict]] = {k: [] for k in ('stale', 'unchecked', 'legacy', 'other_env', 'other_inputs')}
+    cache: dict[str, Any] = {}
+    for r in records:
+        if 'config_hash' not in r:
+            out['legacy'].append(r)
+            continue
+        memo = canonical([r['config'], r.get('overrides') or {}])
+        if memo not in cache:
+            try:
+                resolved = resolved_config(r['config'], r.get('overrides') or {})
+                cache[memo] = (_sha16(canonical(resolved)), input_hashes(resolved))
+            except FileNotFoundError:
+                cache[memo] = None
+        if cache[memo] is None:
+            out['unchecked'].append(r)
+            continue
+        current, inputs = cache[memo]
+        if r['config_hash'] != current:
+            out['stale'].append(r)
+            continue
+        if r.get('versions') != environment():
+            out['other_env'].append(r)
+        if any(inputs.get(p) not in (None, 'missing', sha) for p, sha in (r.get('inputs') or {}).items()):
+            out['other_inputs'].append(r)
+    return out
+
+
+def warn_stale(kinds: Mapping[str, list[dict]], stream=None) -> None:
+    """Say on ``stream`` (stderr) which records :func:`find_stale` sorted out, and what is done with them."""
+    stream = stream if stream is not None else sys.stderr
+    text = {'stale': 'left out: their config changed since they ran (rerun them)',
+            'unchecked': 'kept, unchecked: their config file no longer exists',
+            'legacy': 'kept, unchecked: written before config hashing',
+            'other_env': 'kept: made with other package versions than installed here',
+            'other_inputs': 'kept: made with a teacher checkpoint that differs from the one on disk'}
+    for kind, members in kinds.items():
+        if not members:
+            continue
+        print(f'WARNING: {len(members)} record(s) {text[kind]}:', file=stream)
+        shown = members if kind in ('stale', 'other_inputs') else [] if kind == 'legacy' else members[:5]
+        for r in shown:
+            detail = f' (recorded config hash {r["config_hash"]})' if kind == 'stale' else ''
+            if kind == 'other_env':
+                detail = f' ({r.get("versions")})'
+            print(f'  {r.get("config")} {r["name"]} seed={r["seed"]} {short_overrides(r.get("overrides") or {})}'
+                  f'{detail}', file=stream)
+        if shown and len(shown) < len(members):
+            print(f'  ... and {len(members) - len(shown)} more', file=stream)
+
+
+def without_stale(records: Sequence[dict], warn: bool = True) -> list[dict]:
+    """``records`` less the stale ones (a warning lists what was left out or is doubtful)."""
+    kinds = find_stale(records)
+    if warn:
+        warn_stale(kinds)
+    stale = {id(r) for r in kinds['stale']}
+    return [r for r in records if id(r) not in stale]

@@ -1,0 +1,236 @@
+"""Report tables, reproducible byte for byte from the records.
+
+``report_study`` prints, per pair of a study, the selection table (every grid point's mean validation
+accuracy over the selection seeds, and the point selected) and the final table (test accuracy mean
+and 95 % t-interval over the test seeds at the selected setting, the paired difference to the
+baseline over the same seeds with its 95 % t-interval, the two-sided paired t-test p-value and the
+Holm-corrected p-value over the comparisons in that table), as Markdown on stdout.
+
+``report_records`` prints the per-config summary of an ablation's record files (``report --out``),
+optionally tuned on validation (``tune``) and compared with a baseline, as a plain-text table.
+
+Everything printed is a function of the records and the spec (no time, no machine), so a committed
+report is checked byte for byte against its committed records; warnings go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..io import atomic_write_json
+from ._format import label, short_key
+from .records import canonical, config_hash, find_stale, load_records, record_finder, warn_stale, without_stale
+from .selection import select_settings
+from .spec import Arm, Study, load_study, pick_pairs
+from .stats import holm, mean_ci, paired_difference, summarize
+
+__all__ = ['study_tables', 'format_summary', 'report_study', 'report_records']
+
+
+def _fmt(value: float, spec: str = '.2f') -> str:
+    return 'n/a' if value is None or math.isnan(value) else format(value, spec)
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return 'n/a'
+    return '<0.001' if p < 0.001 else f'{p:.3f}'
+
+
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---' for _ in headers) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
+                 pairs: Sequence[str] | None = None) -> tuple[str, list[dict]]:
+    """The Markdown tables of a study (selection and final per pair) and their rows as data.
+
+    Records are matched by config hash (``find_stale``'s stale ones never match); everything printed is
+    a function of the records and the spec, so the text is reproduced byte for byte.
+    """
+    out, summary = [], []
+    for pair in pick_pairs(study, pairs):
+        records = records_by_pair.get(pair.name, [])
+        hashes: dict[str, str | None] = {}
+
+        def ident(arm: Arm, overrides: dict, seed: int) -> str | None:
+            memo = canonical([arm.config, overrides])
+            if memo not in hashes:
+                try:
+                    hashes[memo] = config_hash(arm.config, overrides)
+                except FileNotFoundError:
+                    hashes[memo] = None
+            return hashes[memo]
+
+        find = record_finder(records, 'hash')
+        selection = select_settings(pair, find, ident)
+        axes = list(dict.fromkeys(k for arm in pair.arms for k in arm.axes))
+        labels = [study.labels.get(k, short_key(k)) for k in axes]
+        seeds_txt = ', '.join(map(str, pair.select_seeds))
+        out.append(f'#### {pair.title}: selection on validation (seed{"s" if len(pair.select_seeds) > 1 else ""} '
+                   f'{seeds_txt})')
+        out.append('')
+        rows = []
+        for arm in pair.arms:
+            sel = selection[arm.name]
+            for entry in sel['points']:
+                if entry['missing']:
+                    val = f'missing {entry["missing"]}/{len(pair.select_seeds)}'
+                elif entry['diverged']:
+                    val = f'diverged {entry["diverged"]}/{len(pair.select_seeds)}'
+                else:
+                    val = _fmt(entry['val'])
+                rows.append([arm.name] + [str(entry['point'].get(k, '-')) for k in axes]
+                            + [val, 'yes' if sel['selected'] == entry['point'] else ''])
+        out.append(_markdown(['arm'] + labels + ['val acc@1 (%)', 'selected'], rows))
+        out.append('')
+        # final table
+        per_arm: dict[str, Any] = {}
+        for arm in pair.arms:
+            chosen = selection[arm.name]['selected']
+            if chosen is None:
+                per_arm[arm.name] = None
+                continue
+            overrides = {**pair.fixed, **chosen}
+            found = {s: find(arm.name, overrides, s, ident(arm, overrides, s)) for s in pair.seeds}
+            ok = {s: r for s, r in found.items() if r is not None and r['status'] == 'ok'}
+            test = {s: r['metrics']['test_acc1'] for s, r in ok.items()}
+            ratios = [r['metrics']['ratio'] for r in ok.values() if r['metrics'].get('ratio')]
+            per_arm[arm.name] = {'chosen': chosen, 'test': test, 'diverged': sum(
+                1 for r in found.values() if r is not None and r['status'] != 'ok'),
+                'missing': sum(1 for r in found.values() if r is None),
+                'ratio': statistics.fmean(ratios) if ratios else 1.0}
+        base = per_arm.get(pair.baseline) if pair.baseline else None
+        comparisons = {}
+        for arm in pair.arms:
+            entry = per_arm[arm.name]
+            if base is not None and entry is not None and arm.name != pair.baseline:
+                comparisons[arm.name] = paired_difference(entry['test'], base['test'])
+        names = list(comparisons)
+        for name, adjusted in zip(names, holm([comparisons[n]['p'] for n in names])):
+            comparisons[name]['p_holm'] = adjusted
+        m = sum(1 for c in comparisons.values() if not math.isnan(c['p']))
+        headers = ['arm'] + labels + ['n', 'test acc@1 (%)', '95 % CI', 'params x']
+        if pair.baseline:
+            headers += [f'vs {pair.baseline} (paired, 95 % CI)', 'p (paired t)', 'p (Holm)']
+        rows = []
+        for arm in pair.arms:
+            entry = per_arm[arm.name]
+            if entry is None:
+                rows.append([arm.name] + ['-'] * (len(headers) - 1))
+                continue
+            mean, std, half = mean_ci(list(entry['test'].values()))
+            n = f'{len(entry["test"])}' + (f' (+{entry["diverged"]} diverged)' if entry['diverged'] else '') \
+                + (f' ({entry["missing"]} missing)' if entry['missing'] else '')
+            ci = f'[{_fmt(mean - half)}, {_fmt(mean + half)}]'
+            row = [arm.name] + [str(entry['chosen'].get(k, '-')) for k in axes] + [n, _fmt(mean), ci,
+                                                                                   f'{entry["ratio"]:.2f}']
+            if pair.baseline:
+                c = comparisons.get(arm.name)
+                row += ['-', '-', '-'] if c is None else [f'{_fmt(c["mean"], "+.2f")} +- {_fmt(c["ci95"])}',
+                                                          _fmt_p(c['p']), _fmt_p(c['p_holm'])]
+            rows.append(row)
+            summary.append({'pair': pair.name, 'arm': arm.name, 'setting': entry['chosen'], 'n': len(entry['test']),
+                            'diverged': entry['diverged'], 'missing': entry['missing'], 'test_mean': mean,
+                            'test_std': std, 'test_ci95': half, 'ratio': entry['ratio'], 'per_seed': entry['test'],
+                            'vs_baseline': comparisons.get(arm.name)})
+        out.append(f'#### {pair.title}: test accuracy at the selected setting (seeds {", ".join(map(str, pair.seeds))})')
+        out.append('')
+        out.append(_markdown(headers, rows))
+        if pair.baseline:
+            out.append('')
+            out.append(f'Paired differences to {pair.baseline} over the same seeds; two-sided paired t-test; Holm '
+                       f'correction over the {m} comparison{"s" if m != 1 else ""} in this table.')
+        out.append('')
+    return '\n'.join(out), summary
+
+
+def format_summary(rows: Sequence[dict], tune: Sequence[str] = (), baseline: str | None = None) -> str:
+    """The plain-text table of :func:`~opdf_torchdistill.study.stats.summarize`'s rows."""
+    from ..tables import format_table
+    tune = [tune] if isinstance(tune, str) else list(tune or ())
+    headers = ['method', 'n', 'test acc@1', 'std', '95% CI', 'val acc@1', 'ratio']
+    for k, key in enumerate(tune):
+        headers.insert(1 + k, 'tuned ' + '.'.join(key.split('.')[-2:]))
+    if baseline:
+        headers += [f'diff vs {baseline}', 'p (paired t)']
+    table = []
+    for row in rows:
+        cells = [label(row['name'], json.dumps(sorted(
+            (k, v) for k, v in row['overrides'].items() if k not in tune)))]
+        cells += [row['overrides'].get(key, '-') for key in tune]
+        cells += [f'{row["n"]}' + (f' (+{row["diverged"]} diverged)' if row['diverged'] else ''),
+                  f'{row["test_mean"]:.2f}', f'{row["test_std"]:.2f}',
+                  f'[{row["test_mean"] - row["test_ci95"]:.2f}, {row["test_mean"] + row["test_ci95"]:.2f}]',
+                  f'{row["val_mean"]:.2f}', f'{row["ratio"]:.2f}' if not math.isnan(row['ratio']) else '1.00']
+        if baseline:
+            d = row.get('vs_baseline')
+            cells += ['-', '-'] if d is None else [f'{d["mean"]:+.2f} +- {d["ci95"]:.2f}', f'{d["p"]:.3f}']
+        table.append(cells)
+    return format_table(headers, table)
+
+
+def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: str | None = None,
+                 plots: str | None = None) -> str:
+    """Print a study's tables on stdout (stale records are left out and listed on stderr); optionally
+    write the rows as JSON and the plot ``PLOTS/STUDY.png``. Returns the text printed."""
+    study = load_study(spec)
+    chosen = pick_pairs(study, pairs)
+    by_pair = {}
+    for pair in chosen:
+        records = load_records(pair.records)
+        warn_stale(find_stale(records))
+        by_pair[pair.name] = records
+    text, rows = study_tables(study, by_pair, [p.name for p in chosen])
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if summary_json:
+        atomic_write_json(rows, summary_json)
+    if plots:
+        from .plots import plot_study
+        written = plot_study(rows, {p.name: p.title for p in chosen}, {p.name: p.baseline for p in chosen},
+                             Path(plots) / f'{study.name}.png')
+        print(f'wrote {written}', file=sys.stderr)  # stdout is the tables (README, tests)
+    return text
+
+
+def report_records(records: list[dict], tune: Sequence[str] = (), baseline: str | None = None,
+                   only: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
+                   summary_json: str | None = None, plots: str | None = None, title: str = '',
+                   lr_key: str = 'train.optimizer.kwargs.lr') -> list[dict]:
+    """Print the summary table of an ablation's records on stdout (stale ones left out, listed on stderr).
+
+    ``only``: these config names, in this order; ``where``: records whose override KEY is VALUE (or that do
+    not set KEY); ``plots``: a directory for ``methods.png``, ``ratio.png`` and ``lr.png``. Returns the rows.
+    """
+    records = without_stale(records)
+    if only:
+        records = [r for r in records if r['name'] in only]
+    for key, value in (where or {}).items():
+        records = [r for r in records if r['overrides'].get(key, value) == value]
+    rows = summarize(records, tune, baseline)
+    if only:
+        rows.sort(key=lambda r: list(only).index(r['name']))
+    print(format_summary(rows, tune, baseline))
+    if summary_json:
+        atomic_write_json(rows, summary_json)
+    if plots:
+        from .plots import plot_lr, plot_methods, plot_ratio
+        out = Path(plots)
+        out.mkdir(parents=True, exist_ok=True)
+        prefix = (title + ': ') if title else ''
+        written = [plot_methods(rows, out / 'methods.png', f'{prefix}test accuracy, mean and 95% CI')]
+        all_rows = summarize(records)
+        written.append(plot_ratio(all_rows if not tune else rows, out / 'ratio.png',
+                                  f'{prefix}accuracy vs over-parameterization'))
+        written.append(plot_lr(all_rows, lr_key, out / 'lr.png', f'{prefix}accuracy vs learning rate'))
+        for path in written:
+            if path is not None:
+                print(f'wrote {path}', file=sys.stderr)  # stdout is the table (README, tests)
+    return rows

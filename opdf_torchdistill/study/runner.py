@@ -1,0 +1,434 @@
+"""Running ablations and studies: train every planned run that has no record yet, one record per run.
+
+``run_ablation``
+    configs x seeds x override grid; trains every run whose key the record file does not hold yet and
+    appends one record per finished run (so an interrupted ablation resumes where it stopped).
+``run_study``
+    the two-phase protocol of a study spec (:mod:`~opdf_torchdistill.study.spec`): the teachers the
+    pairs name under ``prepare`` are trained (or resumed) first; then for every arm, each point of its
+    grid is trained with the selection seeds and scored on validation accuracy, and the selected point
+    (:mod:`~opdf_torchdistill.study.selection`) is trained with the final seeds. Resumable across
+    sessions; ``jobs=2`` trains two runs at a time (one subprocess each, the spec's ``threads`` each).
+
+**How a run is trained.** The runner drives the trainer only through its command line (``opdf-train``'s
+arguments, built here as a list): with ``jobs > 1`` or ``isolate`` as ``python -m
+opdf_torchdistill.cli.train ARGS`` in a subprocess, otherwise by calling that program's ``main(ARGS)``
+in this process (imported inside the function that does it, so that this package never imports the
+command-line layer at import time). Either way the result is read back from ``--metrics_json``, a
+non-zero exit status is a failed (or, when the trainer said so, diverged) run whose last error line is
+recorded, and the same arguments give the same run. Each run writes its checkpoints under the
+workdir with a hash-named stem and deletes them when it ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ._format import short_overrides
+from .records import (DONE, RunIdentity, append_record, canonical, load_records, read_config_data, record_finder,
+                      run_identity)
+from .selection import select_settings
+from .spec import Arm, Pair, Study, StudyError, pick_pairs
+
+__all__ = ['Task', 'Progress', 'run_ablation', 'study_plan', 'teacher_state', 'prepare_teachers', 'run_study']
+
+TRAINER = 'opdf_torchdistill.cli.train'  # the program every run is (``python -m TRAINER ARGS``)
+_DIVERGED = ('loss is nan', 'loss is inf', 'FloatingPointError', 'DivergedError', 'non-finite', 'training diverged')
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return 'unknown'
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------
+def _train_in_process(argv: list[str]) -> tuple[int, str]:
+    """``opdf-train ARGV`` in this process: (exit status, what it printed on stderr).
+
+    The one place the study package calls into the command-line layer, and only as a program (its
+    ``main``), imported here rather than at module level."""
+    from torchdistill.misc.log import set_basic_log_config
+    from ..cli.train import main
+    set_basic_log_config()  # what the trainer does first anyway: its log handler keeps the real stderr
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def _execute(config: str, seed: int, overrides: dict, workdir: Path, device: str, isolate: bool,
+             threads: int | None = None) -> dict:
+    """Train one run through the trainer; returns its record fields (status, metrics, error)."""
+    stem = hashlib.sha1(canonical([config, seed, overrides, device]).encode()).hexdigest()[:16]
+    ckpt = workdir / f'{stem}.pt'
+    metrics_path = workdir / f'{stem}.metrics.json'
+    argv = ['--config', config, '--device', device, '--seed', str(seed), '--metrics_json', str(metrics_path),
+            '--dst_ckpt', str(ckpt), '-student_only']  # the teacher's test accuracy is not recorded: skip it
+    if threads:
+        argv += ['--threads', str(threads)]
+    for k, v in overrides.items():
+        argv += ['--set', f'{k}={json.dumps(v)}']
+    try:
+        if isolate:
+            import subprocess
+            proc = subprocess.run([sys.executable, '-m', TRAINER] + argv, capture_output=True, text=True)
+            code, err = proc.returncode, proc.stderr
+        else:
+            code, err = _train_in_process(argv)
+        if code != 0:  # the trainer's last stderr line is its one-line error
+            line = (err.strip().splitlines() or ['failed'])[-1]
+            line = line[len('error: '):] if line.startswith('error: ') else line
+            status = 'diverged' if any(s in line for s in _DIVERGED) else 'failed'
+            return {'status': status, 'metrics': {}, 'error': f'exit status {code}: {line}'}
+        metrics = json.loads(metrics_path.read_text())
+    except FloatingPointError as exc:
+        return {'status': 'diverged', 'metrics': {}, 'error': str(exc)}
+    except Exception as exc:  # a failed run is recorded, not fatal: the rest of the ablation goes on
+        text = str(exc)
+        status = 'diverged' if any(s in text for s in _DIVERGED) else 'failed'
+        return {'status': status, 'metrics': {}, 'error': f'{type(exc).__name__}: {exc}'}
+    finally:
+        for path in (ckpt, ckpt.with_name(ckpt.stem + '.last.pt'), metrics_path):
+            if path.exists():
+                path.unlink()
+    test = metrics.get('test', {})
+    out = {'test_acc1': test.get('acc1'), 'test_acc5': test.get('acc5'), 'test_loss': test.get('loss'),
+           'best_val_acc1': metrics.get('best_val_acc1'), 'train_params': metrics.get('train_params'),
+           'inference_params': metrics.get('inference_params'),
+           'ratio': metrics['train_params'] / metrics['inference_params'] if metrics.get('inference_params') else None,
+           'train_seconds': metrics.get('train_seconds')}
+    for extra in ('alignment', 'grad_norms'):  # coverage and first-step gradient norms, when the runner logs them
+        if metrics.get(extra) is not None:
+            out[extra] = metrics[extra]
+    return {'status': 'ok', 'error': None, 'metrics': out}
+
+
+@dataclass
+class Task:
+    """One planned run."""
+    config: str
+    seed: int
+    overrides: dict
+    identity: RunIdentity
+    out: Path
+    extra: dict = field(default_factory=dict)  # record fields of a study (pair, phase)
+
+
+class Progress:
+    """Runs done / total, mean run time and an ETA over everything planned (all pairs and phases).
+
+    The time of a remaining run is estimated by the mean wall time of its arm's recorded runs, else of
+    every recorded run; the ETA divides their sum by ``jobs`` (runs trained at a time).
+    """
+
+    def __init__(self, total: int, done: int, times: Mapping[str, Sequence[float]] | None = None,
+                 stream=None, jobs: int = 1):
+        self.total, self.done, self.jobs = total, done, max(1, jobs)
+        self.times: dict[str, list[float]] = defaultdict(list, {k: list(v) for k, v in (times or {}).items()})
+        self.stream = stream if stream is not None else sys.stdout
+        self.session: list[float] = []
+
+    def mean(self, name: str | None = None) -> float | None:
+        values = self.times.get(name) if name is not None else None
+        if not values:
+            values = [t for ts in self.times.values() for t in ts]
+        return statistics.fmean(values) if values else None
+
+    def eta(self, remaining: Iterable[str]) -> float | None:
+        total = 0.0
+        for name in remaining:
+            m = self.mean(name)
+            if m is None:
+                return None
+            total += m
+        return total / self.jobs
+
+    def line(self, remaining: Iterable[str]) -> str:
+        m = self.mean()
+        return (f'{self.done}/{self.total} runs done, mean run {_fmt_duration(m) if m is not None else "unknown"}, '
+                f'ETA {_fmt_duration(self.eta(remaining))}')
+
+    def finished(self, record: dict, remaining: Iterable[str]) -> None:
+        self.done += 1
+        self.times[record['name']].append(record['wall_seconds'])
+        self.session.append(record['wall_seconds'])
+        acc = record['metrics'].get('test_acc1')
+        val = record['metrics'].get('best_val_acc1')
+        phase = f' {record["phase"]}' if record.get('phase') else ''
+        result = (f' val {val:.2f} test {acc:.2f}' if acc is not None and val is not None else
+                  f' ({record["error"]})')
+        print(f'[{self.line(remaining)}]{phase} {record["name"]} seed={record["seed"]} '
+              f'{short_overrides(record["overrides"])}: {record["status"]}{result} ({record["wall_seconds"]:.1f} s)',
+              file=self.stream, flush=True)
+
+
+def _times_by_name(records: Iterable[dict]) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.get('status') == 'ok' and r.get('wall_seconds') is not None:
+            times[r['name']].append(float(r['wall_seconds']))
+    return times
+
+
+def run_tasks(tasks: Sequence[Task], device: str, workdir: Path, progress: Progress, jobs: int = 1,
+              threads: int | None = None, isolate: bool = False, later: Sequence[str] = ()) -> list[dict]:
+    """Train ``tasks`` (``jobs`` at a time, each in its own subprocess when ``jobs > 1``), appending each
+    record as it finishes; ``later`` names runs still to come after these (for the ETA)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    pending = [t.identity.name for t in tasks]
+
+    def one(task: Task) -> dict:
+        start = time.perf_counter()
+        result = _execute(task.config, task.seed, task.overrides, workdir, device, isolate or jobs > 1, threads)
+        return {'key': task.identity.key, 'config': task.config, 'name': task.identity.name, 'seed': task.seed,
+                'overrides': task.overrides, 'device': device, 'config_hash': task.identity.config_hash,
+                'versions': task.identity.versions, 'inputs': task.identity.inputs, **task.extra,
+                'wall_seconds': round(time.perf_counter() - start, 3),
+                'finished': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'), **result}
+
+    records = []
+
+    def finish(task: Task, record: dict) -> None:
+        append_record(record, task.out)
+        records.append(record)
+        pending.remove(task.identity.name)
+        progress.finished(record, list(pending) + list(later))
+
+    if jobs <= 1:
+        for task in tasks:
+            finish(task, one(task))
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(one, task): task for task in tasks}
+            for future in as_completed(futures):
+                finish(futures[future], future.result())
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablations: configs x seeds x grid
+# ----------------------------------------------------------------------------------------------
+def run_ablation(configs: Sequence[str], seeds: Sequence[int], grid: Sequence[dict], fixed: dict, out: str,
+                 device: str = 'cpu', isolate: bool = False, jobs: int = 1, threads: int | None = None,
+                 workdir: str | None = None) -> list[dict]:
+    """Train every (config, grid point, seed) that ``out`` holds no finished record of; returns all records."""
+    records = load_records(out)
+    done = {r['key'] for r in records if r.get('status') in DONE}
+    legacy = sum(1 for r in records if 'config_hash' not in r)
+    plan = []
+    for c, g, s in itertools.product(configs, grid, seeds):
+        overrides = {**fixed, **g}
+        plan.append(Task(c, s, overrides, run_identity(c, s, overrides, device), Path(out)))
+    todo = [t for t in plan if t.identity.key not in done]
+    print(f'{len(plan)} runs planned, {len(plan) - len(todo)} already recorded in {out}, {len(todo)} to go'
+          + (f' ({legacy} older records without a config hash are not reused)' if legacy else ''), flush=True)
+    progress = Progress(len(plan), len(plan) - len(todo), _times_by_name(records), jobs=jobs)
+    run_tasks(todo, device, Path(workdir) if workdir else Path(out).with_suffix('.runs'), progress, jobs, threads,
+              isolate)
+    return load_records(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Studies: teachers, selection on validation, then seeds at the selected setting
+# ----------------------------------------------------------------------------------------------
+def study_plan(study: Study, pair: Pair, records: Sequence[dict]) -> dict:
+    """Tasks of a pair: ``select`` (all), ``final`` (arms whose selection is complete), the selection,
+    and ``unplanned`` (arms still selecting: their final runs, counted for the ETA)."""
+    cache: dict[str, RunIdentity] = {}
+
+    def ident(arm: Arm, overrides: dict, seed: int) -> RunIdentity:
+        memo = canonical([arm.name, overrides, seed])
+        if memo not in cache:
+            cache[memo] = run_identity(arm.config, seed, overrides, study.device, arm.name)
+        return cache[memo]
+
+    select = [Task(arm.config, s, {**pair.fixed, **point}, ident(arm, {**pair.fixed, **point}, s), pair.records,
+                   {'pair': pair.name, 'phase': 'select'})
+              for arm in pair.arms for point in arm.grid for s in pair.select_seeds]
+    find = record_finder(records, 'key')
+    selection = select_settings(pair, find, ident)
+    final, unplanned = [], []
+    for arm in pair.arms:
+        chosen = selection[arm.name]['selected']
+        if chosen is None:
+            unplanned += [arm.name] * len(pair.seeds)
+            continue
+        overrides = {**pair.fixed, **chosen}
+        final += [Task(arm.config, s, overrides, ident(arm, overrides, s), pair.records,
+                       {'pair': pair.name, 'phase': 'final'}) for s in pair.seeds]
+    done = {t.identity.key for t in select + final if find(t.identity.name, t.overrides, t.seed, t.identity)}
+    return {'select': select, 'final': final, 'selection': selection, 'unplanned': unplanned, 'done': done}
+
+
+def _total_epochs(config: dict) -> int | None:
+    """Epochs a training config runs in all (the sum over ``stage*`` blocks), ``None`` if it does not say."""
+    train = config.get('train') or {}
+    try:
+        if 'num_epochs' in train:
+            return int(train['num_epochs'])
+        stages = [v for k, v in train.items() if k.startswith('stage') and isinstance(v, dict)]
+        return sum(int(v.get('num_epochs', 0)) for v in stages) if stages else None
+    except (TypeError, ValueError):  # a tagged value (read as data, not run): the config does not say plainly
+        return None
+
+
+def _path_value(value: Any, where: str) -> str:
+    """A path in a config read as data: a string, or one of torchdistill's path tags over strings."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {'__tag__', 'value'}:
+        tag, parts = value['__tag__'], value['value']
+        if tag in ('!join', '!pathjoin') and isinstance(parts, list):
+            parts = [_path_value(p, where) for p in parts]
+            return ''.join(parts) if tag == '!join' else os.path.join(*parts)
+        if tag in ('!expanduser', '!abspath'):
+            inner = _path_value(parts, where)
+            return os.path.expanduser(inner) if tag == '!expanduser' else os.path.abspath(inner)
+    raise StudyError(f'{where} must be a path (a string, or !join/!pathjoin/!expanduser/!abspath of strings), '
+                     f'got {value!r}')
+
+
+def _last_ckpt_path(dst: str) -> Path:
+    """Where the trainer writes its resume checkpoint: ``NAME.last.SUFFIX`` beside ``dst_ckpt`` (the
+    trainer's rule, ``opdf_torchdistill.cli.train.last_ckpt_path``; a test checks they agree)."""
+    path = Path(os.path.expanduser(dst))
+    return path.with_name(path.stem + '.last' + path.suffix)
+
+
+def teacher_state(config: str) -> tuple[str, str]:
+    """``('done' | 'resume' | 'missing', dst_ckpt)`` of a ``prepare`` config.
+
+    The config is read as data (nothing in it is imported or run). A best checkpoint exists from the
+    first epoch on, so its presence alone does not mean the run finished: when the ``.last.pt`` beside
+    it says fewer epochs than the config asks for, the run was interrupted and is resumed (reusing a
+    half-trained teacher would silently change every record), with or without a best checkpoint."""
+    from ..io import load_checkpoint
+    data = read_config_data(config)
+    models = data.get('models') if isinstance(data, dict) else None
+    student = None
+    if isinstance(models, dict):
+        student = models.get('student_model', models.get('model'))
+    if not isinstance(student, dict) or 'dst_ckpt' not in student:
+        raise StudyError(f'{config}: a prepare config needs models.student_model.dst_ckpt (or models.model.dst_ckpt): '
+                         f'where the trained model is written')
+    dst = os.path.expanduser(_path_value(student['dst_ckpt'], f'{config}: dst_ckpt'))
+    last = _last_ckpt_path(dst)
+    if last.exists():
+        epoch = load_checkpoint(last, trusted=False).get('epoch')
+        total = _total_epochs(data)
+        if total is not None and epoch is not None and epoch < total:
+            return 'resume', dst
+    return ('done' if os.path.exists(dst) else 'missing'), dst
+
+
+def prepare_teachers(configs: Sequence[str], device: str, threads: int | None = None, jobs: int = 1) -> None:
+    """Train the teachers a study needs, ``jobs`` at a time (one subprocess each, log beside the checkpoint).
+
+    A finished teacher is reused, an interrupted one resumed from its ``.last.pt``; a failure stops the
+    study with the end of the teacher's log."""
+    import subprocess
+    pending = []
+    for config in configs:
+        state, dst = teacher_state(config)
+        if state == 'done':
+            print(f'{config}: {dst} exists (training finished), reused', flush=True)
+        else:
+            pending.append((config, state, dst))
+
+    def train(item: tuple[str, str, str]) -> str:
+        config, state, dst = item
+        log = Path(dst).with_suffix('.train.log')
+        os.makedirs(log.parent, exist_ok=True)
+        metrics = log.with_suffix('.metrics.json')
+        argv = [sys.executable, '-m', TRAINER, '--config', config, '--device', device,
+                '--seed', '0', '--metrics_json', str(metrics)] + (['--threads', str(threads)] if threads else [])
+        argv += ['--resume'] if state == 'resume' else []
+        print(f'{config}: {"resuming" if state == "resume" else "training"} ({dst} '
+              f'{"unfinished" if state == "resume" else "missing"}); log {log}', flush=True)
+        start = time.perf_counter()
+        with open(log, 'a') as out:
+            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = '\n'.join(log.read_text().splitlines()[-15:])
+            raise StudyError(f'{config}: teacher training failed (exit status {code}); end of {log}:\n{tail}')
+        acc = json.loads(metrics.read_text()).get('test', {}).get('acc1', math.nan)
+        return f'{config}: test acc@1 {acc:.2f} ({_fmt_duration(time.perf_counter() - start)})'
+
+    with ThreadPoolExecutor(max(1, min(jobs, len(pending)))) as pool:
+        for line in pool.map(train, pending):
+            print(line, flush=True)
+
+
+def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'all', jobs: int = 1,
+              dry_run: bool = False, stream=None) -> None:
+    """Prepare the teachers, then per pair: selection runs, selection, final runs (see the module docstring)."""
+    stream = stream if stream is not None else sys.stdout
+    chosen = pick_pairs(study, pairs)
+    if not dry_run:
+        teachers = list(dict.fromkeys(c for pair in chosen for c in pair.prepare))  # pairs may share one
+        prepare_teachers(teachers, study.device, study.threads, jobs)
+    plans = {pair.name: study_plan(study, pair, load_records(pair.records)) for pair in chosen}
+    all_records = [r for pair in chosen for r in load_records(pair.records)]
+
+    def remaining(after: str | None = None) -> list[str]:
+        """Names of the runs not done yet (for the ETA), in the phases asked for."""
+        names = []
+        for pair in chosen:
+            plan = plans[pair.name]
+            todo = [t for t in plan['select'] if t.identity.key not in plan['done']] if phase != 'final' else []
+            if phase != 'select':
+                todo += [t for t in plan['final'] if t.identity.key not in plan['done']]
+            names += [t.identity.name for t in todo]
+            if phase != 'select':
+                names += plan['unplanned']
+        return names
+
+    total_planned = sum(len(p['select']) * (phase != 'final') + (len(p['final']) + len(p['unplanned'])) *
+                        (phase != 'select') for p in plans.values())
+    rest = remaining()
+    progress = Progress(total_planned, total_planned - len(rest), _times_by_name(all_records), stream, jobs)
+    print(f'study {study.name} ({study.path}), pairs {[p.name for p in chosen]}, phase {phase}: '
+          f'{progress.line(rest)}', file=stream, flush=True)
+    for pair in chosen:
+        plan = plans[pair.name]
+        n_select = sum(1 for t in plan['select'] if t.identity.key not in plan['done'])
+        print(f'  {pair.name}: {len(pair.arms)} arms, selection {len(plan["select"])} runs ({n_select} to go), '
+              f'final {len(pair.arms) * len(pair.seeds)} runs; records {pair.records}', file=stream, flush=True)
+    if dry_run:
+        return
+    for pair in chosen:
+        workdir = study.workdir / pair.name
+        for step in ('select', 'final'):
+            if phase not in ('all', step):
+                continue
+            plan = plans[pair.name] = study_plan(study, pair, load_records(pair.records))
+            todo = [t for t in plan[step] if t.identity.key not in plan['done']]
+            if step == 'final':
+                waiting = [a for a, s in plan['selection'].items() if s['selected'] is None]
+                if waiting:
+                    print(f'{pair.name}: no selected setting yet for {waiting} (selection runs missing, or every '
+                          f'grid point diverged); their final runs wait', file=stream, flush=True)
+            later = remaining()
+            progress.total = progress.done + len(later)
+            for task in todo:  # what comes after this batch: the remaining runs minus the batch itself
+                later.remove(task.identity.name)
+            run_tasks(todo, study.device, workdir, progress, jobs, study.threads, later=later)
+            plans[pair.name] = study_plan(study, pair, load_records(pair.records))
+    print(f'study {study.name}: {progress.line(remaining())}', file=stream, flush=True)
