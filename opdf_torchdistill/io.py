@@ -16,6 +16,8 @@ PID on this host; on another host, a day without change), so concurrent writers 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ from typing import Any, Callable, IO, Iterable
 import torch
 
 __all__ = ['atomic_write', 'atomic_torch_save', 'atomic_write_text', 'atomic_write_json', 'load_checkpoint',
-           'is_trusted', 'CheckpointError', 'UnsafeCheckpointError']
+           'is_trusted', 'trusted_checkpoints', 'declared_tensor_bytes', 'CheckpointError', 'UnsafeCheckpointError']
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +50,29 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that cannot be read as plain data: loading it would run code from the file."""
 
 
-def is_trusted(path: str | os.PathLike, trusted: Iterable[str | os.PathLike] | None) -> bool:
-    """Whether ``path`` is one of the files the user trusted (paths compared after resolving them)."""
-    if not trusted:
+_TRUSTED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar('opdf_trusted_checkpoints', default=())
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(paths: Iterable[str | os.PathLike] | None):
+    """Within the block, :func:`load_checkpoint` also trusts ``paths`` (the command line's
+    ``--trust_checkpoint``), so loads deep inside model factories (a ``teacher_ckpt``, timm ``weights``)
+    honour it without passing it through every layer."""
+    token = _TRUSTED.set(tuple(str(p) for p in paths or ()) + _TRUSTED.get())
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def is_trusted(path: str | os.PathLike, trusted: Iterable[str | os.PathLike] | None = None) -> bool:
+    """Whether ``path`` is one of the files the user trusted (``trusted``, or the enclosing
+    :func:`trusted_checkpoints`); paths are compared after resolving them."""
+    candidates = list(trusted or ()) + list(_TRUSTED.get())
+    if not candidates:
         return False
     target = Path(path).expanduser().resolve()
-    return any(Path(t).expanduser().resolve() == target for t in trusted)
+    return any(Path(t).expanduser().resolve() == target for t in candidates)
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -63,24 +82,66 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = 'cpu') -> Any:
+def declared_tensor_bytes(path: str | os.PathLike) -> int:
+    """Bytes the tensors of a checkpoint will occupy once loaded, read from the file's table of contents
+    without inflating anything: the sum of the declared (uncompressed) sizes of a ``torch.save`` zip's
+    storage entries; for other formats (legacy pickle, safetensors) the file size, which bounds them."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return sum(info.file_size for info in archive.infolist() if '/data/' in info.filename)
+    return path.stat().st_size
+
+
+def _check_size(path: Path, max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    try:
+        declared = declared_tensor_bytes(path)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f'{path}: cannot read the checkpoint\'s table of contents ({exc}); the file is '
+                              f'truncated or not a PyTorch checkpoint') from None
+    if declared > max_bytes:
+        raise CheckpointError(f'{path}: declares {declared / 2**20:.1f} MiB of tensors, more than the '
+                              f'{max_bytes / 2**20:.1f} MiB the model it is loaded into can use; refusing to inflate '
+                              f'it (a wrong file, or a crafted one)')
+
+
+def _looks_like_pytorch(path: Path) -> bool:
+    """A ``torch.save`` zip, or a legacy pickle (protocol 2+ header); anything else is not a checkpoint."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, 'rb') as f:
+        return f.read(1) == b'\x80'
+
+
+def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = 'cpu',
+                    max_bytes: int | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.
+
+    ``max_bytes``: refuse, before inflating anything, a file whose tensors would occupy more than this
+    (see :func:`declared_tensor_bytes`). A path inside :func:`trusted_checkpoints` counts as trusted.
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        IsADirectoryError: ``path`` is a directory.
         UnsafeCheckpointError: the file holds pickled objects other than tensors and plain data (it could
             run code when loaded); nothing from it was executed. ``trusted=True`` loads it anyway.
-        CheckpointError: the file is truncated, empty or not a PyTorch checkpoint.
+        CheckpointError: the file is truncated, empty, too large for its use or not a PyTorch checkpoint.
     """
     path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise IsADirectoryError(f'{path}: is a directory, not a checkpoint file')
     if not path.is_file():
         raise FileNotFoundError(f'{path}: no such checkpoint file')
+    trusted = trusted or is_trusted(path)
+    _check_size(path, max_bytes)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if 'weights_only' not in str(exc) and 'Weights only' not in str(exc):
-            raise CheckpointError(f'{path}: cannot read the checkpoint ({exc}); the file may be truncated or '
-                                  f'not a PyTorch checkpoint') from None
+        if 'weights_only' not in str(exc) and 'Weights only' not in str(exc) or not _looks_like_pytorch(path):
+            raise CheckpointError(f'{path}: cannot read the checkpoint; the file is truncated or not a PyTorch '
+                                  f'checkpoint ({str(exc).strip().splitlines()[0][:200]})') from None
         if not trusted:
             found = _unsafe_globals(path)
             what = f'it references {found}' if found else str(exc).strip().splitlines()[0]
@@ -92,7 +153,8 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         logger.warning('%s: loading a checkpoint that is not plain data, because it was trusted explicitly', path)
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, IndexError) as exc:
-        raise CheckpointError(f'{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); the file is '
+        raise CheckpointError(f'{path}: cannot read the checkpoint ({type(exc).__name__}: '
+                              f'{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""}); the file is '
                               f'truncated, empty or not a PyTorch checkpoint') from None
 
 
@@ -171,11 +233,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. ENOSPC from inside torch.save: name the file
+            raise OSError(exc.errno, f'{exc.strerror or exc} while writing {path} (nothing was replaced)',
+                          str(path)) from exc
+        if isinstance(exc, RuntimeError) and 'write' in str(exc).lower():  # torch's stream writer wraps OSError
+            raise OSError(getattr(exc.__cause__, 'errno', None),
+                          f'{str(exc).splitlines()[0]} while writing {path} (nothing was replaced)', str(path)) from exc
         raise
     return path
 

@@ -64,7 +64,7 @@ def test_export_refuses_to_overwrite(tmp_path, trained, capsys):
     base = ['--config', str(CONFIG), '--ckpt', str(ckpt)]
     before = ckpt.read_bytes()
     assert export_cli.main(base + ['--output', str(trained / '.' / 'run.pt')]) == 1
-    assert 'is the checkpoint being exported' in capsys.readouterr().err
+    assert 'is also the checkpoint being exported' in capsys.readouterr().err
     assert export_cli.main(base + ['--output', str(tmp_path / 'x.json')]) == 1
     assert 'also where the summary JSON goes' in capsys.readouterr().err
     assert ckpt.read_bytes() == before and not (tmp_path / 'x.json').exists()

@@ -18,11 +18,13 @@ from torchdistill.misc.log import set_basic_log_config, setup_log_file
 from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 
-from ..io import is_trusted, load_checkpoint
+from ..io import CheckpointError, is_trusted, load_checkpoint
+from .config_guard import UnsafeConfigError, check_config_tags, yaml_error_text
 
 __all__ = ['setup_logging', 'load_config', 'config_snapshot', 'config_differences', 'apply_overrides', 'parse_value',
            'build_model', 'load_model_checkpoint',
-           'safe_torchdistill_loads', 'init_distributed', 'is_main_process', 'student_config_of', 'ConfigError']
+           'safe_torchdistill_loads', 'init_distributed', 'is_main_process', 'student_config_of', 'ConfigError',
+           'check_state_dict_fits', 'checkpoint_size_limit', 'check_device', 'describe_error', 'run_cli', 'USER_ERRORS']
 
 logger = logging.getLogger('opdf_torchdistill.cli')
 
@@ -128,7 +130,7 @@ def _check_duplicate_keys(path: str) -> None:
         try:
             root = yaml.compose(fp, Loader=yaml.FullLoader)
         except yaml.YAMLError as exc:
-            raise ConfigError(f'{path}: not valid YAML: {exc}') from None
+            raise ConfigError(yaml_error_text(path, exc)) from None
     seen: set[int] = set()
     stack = [root] if root is not None else []
     while stack:
@@ -172,7 +174,13 @@ TagRecordingLoader.add_multi_constructor('!', _construct_tagged)
 def config_snapshot(path: str, overrides: Sequence[str] = ()) -> dict:
     """The config file with its overrides as plain data (tags recorded, not run): what a resume
     checkpoint stores to tell whether the config changed."""
-    with open(os.path.expanduser(path), 'r') as fp:
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'{path}: is a directory; give a YAML config file')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: no such config file')
+    _check_duplicate_keys(path)  # also: a YAML syntax error as a ConfigError naming the line
+    with open(path, 'r') as fp:
         snapshot = yaml.load(fp, Loader=TagRecordingLoader)
     return apply_overrides(snapshot, overrides)
 
@@ -195,16 +203,22 @@ def config_differences(old: Any, new: Any, prefix: str = '') -> list[str]:
     return [] if old == new else [f'{prefix or "<config>"}: {old!r} -> {new!r}']
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> dict:
+def load_config(path: str, overrides: Sequence[str] = (), trust_config: bool = False) -> dict:
     """Load a torchdistill YAML (``!import_call`` etc.), apply overrides, import its dependencies.
 
     ``opdf_torchdistill`` is always imported, so configs work with or without ``dependencies:``.
-    Duplicate mapping keys are refused (file, line and key named).
+    Duplicate mapping keys are refused (file, line and key named). Unless ``trust_config``, a tag that
+    would import or call something outside the allowed packages is refused before any tag runs
+    (:mod:`.config_guard`: configs are code).
     """
     path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'{path}: is a directory; give a YAML config file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such config file')
     _check_duplicate_keys(path)
+    if not trust_config:
+        check_config_tags(path)
     config = yaml_util.load_yaml_file(path)
     if not isinstance(config, dict):
         raise ConfigError(f'{path}: a config must be a mapping, got {type(config).__name__}')
@@ -235,13 +249,99 @@ def load_model_checkpoint(model: torch.nn.Module, src: str, what: str, trust: It
             raise FileNotFoundError(f'{what}: checkpoint {path!r} does not exist (absolute: '
                                     f'{os.path.abspath(path)}); fix the path, or remove {what} to start from '
                                     f'the model\'s own initial weights')
-        ckpt = load_checkpoint(path, trusted=is_trusted(path, trust))
+        ckpt = load_checkpoint(path, trusted=is_trusted(path, trust), max_bytes=checkpoint_size_limit(model))
     if isinstance(ckpt, dict) and 'model' in ckpt:
         ckpt = ckpt['model']
     if not isinstance(ckpt, dict):
-        raise TypeError(f'{what}: {src} holds a {type(ckpt).__name__}, not a state_dict (or {{"model": state_dict}})')
+        raise CheckpointError(f'{what}: {src} holds a {type(ckpt).__name__}, not a state_dict (or '
+                              f'{{"model": state_dict}})')
+    if strict:
+        check_state_dict_fits(model, ckpt, f'{what} {src}')
     load_full_state_dict(model, ckpt, strict=strict)
     logger.info('%s: loaded %s (weights_only, strict=%s)', what, src, strict)
+
+
+def checkpoint_size_limit(model: torch.nn.Module) -> int:
+    """The most tensor bytes a checkpoint loaded into ``model`` may declare: its parameters and buffers
+    four times over (a training checkpoint also holds optimizer moments) plus 64 MiB of slack."""
+    state = model.state_dict()
+    need = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return 4 * need + 64 * 2 ** 20
+
+
+def _listed(keys: Sequence[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def check_state_dict_fits(model: torch.nn.Module, state: dict, what: str) -> None:
+    """A one-line error naming the missing, unexpected and mis-shaped keys when ``state`` does not fit
+    ``model`` (``load_state_dict`` reports them over many lines, after copying what fits)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in expected
+              if k in state and torch.is_tensor(state[k]) and torch.is_tensor(expected[k])
+              and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = ([f'missing keys {_listed(missing)}'] if missing else []) + \
+                ([f'unexpected keys {_listed(unexpected)}'] if unexpected else []) + \
+                ([f'size mismatch {_listed(shapes, 3)}'] if shapes else [])
+        raise CheckpointError(f'{what} does not fit the {type(model).__name__} the config builds: '
+                              f'{"; ".join(parts)} (a checkpoint of another model or width?)')
+
+
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)``, refused with a clear message when this machine does not have it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f'--device {device!r}: not a device ({exc}); e.g. cpu, cuda, cuda:1') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ConfigError(f'--device {device}: this machine has no CUDA device (torch.cuda.is_available() is '
+                              f'False); use --device cpu')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), '
+                              f'cuda:0..cuda:{torch.cuda.device_count() - 1}')
+    elif dev.type not in ('cpu', 'meta') and dev.type != 'mps':
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, 'is_available', lambda: False)():
+            raise ConfigError(f'--device {device}: this machine has no {dev.type} device; use --device cpu')
+    return dev
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line (or the message our own errors chose) for a command-line ``error:`` report."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    text = str(exc).strip()
+    if isinstance(exc, USER_ERRORS) or type(exc).__module__.startswith('opdf_torchdistill'):  # messages for users
+        return text or type(exc).__name__
+    first = text.splitlines()[0] if text else ''
+    return f'{type(exc).__name__}: {first} (run with --debug for the traceback)'
+
+
+def run_cli(body, debug: bool = False) -> int:
+    """Run ``body()`` as a command: 0 on success; every exception one ``error:`` line on stderr and status
+    1 (``--debug``: the traceback too); Ctrl-C status 130."""
+    import sys
+    import traceback
+    try:
+        body()
+    except KeyboardInterrupt:
+        print('error: interrupted', file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a command reports, it does not crash
+        if debug:
+            traceback.print_exc()
+        logger.debug('details', exc_info=True)
+        print(f'error: {describe_error(exc)}', file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 @contextlib.contextmanager
@@ -275,6 +375,9 @@ def build_model(model_config: dict, device: torch.device, distributed: bool = Fa
         model_config['kwargs'] = {}
     src = model_config.get('src_ckpt', None)
     what = f'models.{name}.src_ckpt'
+    if load_src and src is not None and not str(src).startswith(('https://', 'http://')) \
+            and os.path.isdir(os.path.expanduser(src)):
+        raise IsADirectoryError(f'{what}: {src!r} is a directory, not a checkpoint file')
     if load_src and src is not None and not str(src).startswith(('https://', 'http://')) \
             and not os.path.isfile(os.path.expanduser(src)):  # before building: fail fast
         raise FileNotFoundError(f'{what}: checkpoint {src!r} does not exist (absolute: '
@@ -312,3 +415,16 @@ def init_distributed(device: str) -> tuple[bool, int, list[int] | None, torch.de
     dist.barrier()
     logger.info('distributed: %d processes, backend %s', world_size, backend)
     return True, world_size, device_ids, dev
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is written for the user (printed as it is, without the type name)."""
+    from ..errors import MatchError, OptionError
+    from ..io import UnsafeCheckpointError
+    from ..mpo import MPOError
+    from ..runfiles import OutputError
+    return (ConfigError, CheckpointError, UnsafeCheckpointError, UnsafeConfigError, OptionError, MPOError, MatchError,
+            OutputError, FileNotFoundError, PermissionError, IsADirectoryError, KeyError, ValueError, OSError)
+
+
+USER_ERRORS = _user_errors()

@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from .. import mpo as mpo_math
-from ..io import CheckpointError, atomic_torch_save, atomic_write_json, is_trusted, load_checkpoint
-from .common import ConfigError, build_model, load_config, setup_logging, student_config_of
+from ..io import atomic_torch_save, atomic_write_json, is_trusted, load_checkpoint
+from ..runfiles import OutputError, check_outputs, refuse_existing
+from .common import build_model, check_state_dict_fits, checkpoint_size_limit, load_config, run_cli, setup_logging, student_config_of
+from .train import positive_int
 
 __all__ = ['main', 'get_parser', 'export_student', 'ExportError']
 
@@ -44,7 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--ckpt', help='trained checkpoint (default: models.student_model.dst_ckpt)')
     p.add_argument('--output', required=True, help='where to write the plain state_dict (.pt)')
     p.add_argument('--input_size', type=int, nargs='+', help='input shape for the check (default: test images)')
-    p.add_argument('--num_inputs', type=int, default=8, help='inputs per check batch')
+    p.add_argument('--num_inputs', type=positive_int, default=8, help='inputs per check batch')
     p.add_argument('--rtol', type=float, default=1e-5, help='largest relative output difference accepted')
     p.add_argument('--device', default='cpu')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
@@ -53,6 +55,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--trust_checkpoint', action='append', default=[], metavar='FILE',
                    help='load FILE even though it is not plain tensor data (unpickling it can run code: only '
                         'for files whose origin you know)')
+    p.add_argument('--trust_config', action='store_true',
+                   help='let the config\'s tags import and call any name (configs are code; see opdf-train)')
+    p.add_argument('--debug', action='store_true', help='on an error, print the traceback too')
     return p
 
 
@@ -60,22 +65,22 @@ def summary_path(output: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(str(output))).with_suffix('.json')
 
 
-def check_output_paths(ckpt_path: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> None:
-    """Refuse outputs that would destroy the checkpoint, each other, or an existing file without --force."""
-    out = Path(os.path.expanduser(str(output))).resolve()
-    summary = summary_path(output).resolve()
-    ckpt = Path(os.path.expanduser(str(ckpt_path))).resolve()
-    if out == ckpt or summary == ckpt:
-        which = '--output' if out == ckpt else f'the summary {summary}'
-        raise ExportError(f'{which} is the checkpoint being exported ({ckpt}); choose another --output')
-    if out == summary:
+def check_output_paths(ckpt_path: str | os.PathLike, output: str | os.PathLike, force: bool = False,
+                       config_path: str | os.PathLike | None = None) -> None:
+    """Refuse outputs that would destroy the checkpoint, the config, each other, or an existing file
+    without --force (the trainer's rules, :mod:`opdf_torchdistill.runfiles`)."""
+    out, summary = Path(os.path.expanduser(str(output))), summary_path(output)
+    inputs = {'the checkpoint being exported': ckpt_path, '--config': config_path}
+    if out.resolve() == summary.resolve():
         raise ExportError(f'--output {out} is also where the summary JSON goes (<output stem>.json); give the '
                           f'weights another suffix, e.g. {out.with_suffix(".pt")}')
-    if out.is_dir():
-        raise ExportError(f'--output {out} is a directory; give a file path')
-    existing = [str(p) for p in (out, summary) if p.exists()]
-    if existing and not force:
-        raise ExportError(f'{" and ".join(existing)} already exist(s); pass --force to overwrite')
+    try:
+        check_outputs({'--output': out, f'the summary {summary} (<output stem>.json)': summary}, inputs)
+        if not force:
+            refuse_existing({'--output': out, 'its summary': summary}, 'pass --force to overwrite them, or choose '
+                                                                      'another --output')
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _check_inputs(config: dict, args) -> torch.Tensor:
@@ -120,7 +125,8 @@ def _independent_references(model, state: dict) -> dict:
 
 
 def export_student(config: dict, ckpt_path: str, output: str, inputs: torch.Tensor, rtol: float = 1e-5,
-                   device: str = 'cpu', force: bool = True, trust: tuple = ()) -> dict:
+                   device: str = 'cpu', force: bool = True, trust: tuple = (),
+                   config_path: str | os.PathLike | None = None) -> dict:
     """Contract, verify and write; returns a summary dict. Raises :class:`ExportError` when a check fails
     (nothing is written then). ``output`` (or its ``.json``) may never be ``ckpt_path``; ``force=False``
     also refuses existing files (the command line's default; callers that own their output directory,
@@ -128,11 +134,12 @@ def export_student(config: dict, ckpt_path: str, output: str, inputs: torch.Tens
     from ..plugin.models import build_base_model
     from ..surgery import contract, is_overparameterized
 
-    check_output_paths(ckpt_path, output, force)
+    check_output_paths(ckpt_path, output, force, config_path)
     student_config = copy.deepcopy(student_config_of(config))
     dev = torch.device(device)
     path = os.path.expanduser(ckpt_path)
-    ckpt = load_checkpoint(path, trusted=is_trusted(path, trust))
+    model = build_model(student_config, dev, load_src=False)
+    ckpt = load_checkpoint(path, trusted=is_trusted(path, trust), max_bytes=checkpoint_size_limit(model))
     source = ckpt['model'] if isinstance(ckpt, dict) and 'model' in ckpt else ckpt
     if not isinstance(source, dict):
         raise ExportError(f'{path}: holds a {type(source).__name__}, not a state_dict (or {{"model": state_dict}})')
@@ -140,7 +147,7 @@ def export_student(config: dict, ckpt_path: str, output: str, inputs: torch.Tens
     if bad:
         raise ExportError(f'{path}: the checkpoint has NaN/Inf in {bad[:8]}{" ..." if len(bad) > 8 else ""} '
                           f'(a diverged run); not exported')
-    model = build_model(student_config, dev, load_src=False)
+    check_state_dict_fits(model, source, f'checkpoint {path}')
     model.load_state_dict(source, strict=True)
     model.eval()
     if not is_overparameterized(model):
@@ -186,7 +193,7 @@ def export_student(config: dict, ckpt_path: str, output: str, inputs: torch.Tens
                'weights_checked': len(references), 'max_relative_weight_difference_float64': weight_diff,
                'relative_output_difference': diff, 'base_model_relative_difference': base_diff,
                'checked_inputs': list(inputs.shape)}
-    check_output_paths(ckpt_path, output, force)  # again: a file may have appeared meanwhile
+    check_output_paths(ckpt_path, output, force, config_path)  # again: a file may have appeared meanwhile
     atomic_torch_save(state, os.path.expanduser(str(output)))
     atomic_write_json(summary, summary_path(output))
     logger.info('exported %s (%s, %d parameters); %d weights match a float64 contraction of the checkpoint to %.2e, '
@@ -195,26 +202,27 @@ def export_student(config: dict, ckpt_path: str, output: str, inputs: torch.Tens
 
 
 def main(argv=None) -> int:
-    """Command-line entry point; returns the exit status (0: written, 1: refused with a message, 2: no checkpoint)."""
-    from ..mpo import MPOError
-    from ..options import OptionError
+    """Command-line entry point; returns the exit status (0: written, 1: refused with a one-line message,
+    2: no checkpoint)."""
     args = get_parser().parse_args(argv)
     setup_logging()
-    try:
-        config = load_config(args.config, args.overrides)
+    missing = []
+
+    def body() -> None:
+        config = load_config(args.config, args.overrides, trust_config=args.trust_config)
         ckpt = args.ckpt or student_config_of(config).get('dst_ckpt')
         if ckpt is None or not os.path.exists(os.path.expanduser(ckpt)):
-            print(f'error: no trained checkpoint at {ckpt!r} (train first, or give --ckpt)', file=sys.stderr)
-            return 2
-        check_output_paths(ckpt, args.output, args.force)  # before any work
+            missing.append(ckpt)
+            return
+        check_output_paths(ckpt, args.output, args.force, args.config)  # before any work
         export_student(config, ckpt, args.output, _check_inputs(config, args), args.rtol, args.device, args.force,
-                       tuple(args.trust_checkpoint))
-    except (ExportError, CheckpointError, ConfigError, OptionError, MPOError, FileNotFoundError, KeyError,
-            ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f'error: {message}', file=sys.stderr)
-        return 1
-    return 0
+                       tuple(args.trust_checkpoint), config_path=args.config)
+
+    status = run_cli(body, args.debug)
+    if status == 0 and missing:
+        print(f'error: no trained checkpoint at {missing[0]!r} (train first, or give --ckpt)', file=sys.stderr)
+        return 2
+    return status
 
 
 if __name__ == '__main__':  # pragma: no cover

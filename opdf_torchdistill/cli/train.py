@@ -47,13 +47,15 @@ from torchdistill.core.distillation import get_distillation_box
 from torchdistill.core.training import get_training_box
 from torchdistill.datasets.util import build_data_loader
 
-from ..io import CheckpointError, atomic_torch_save, atomic_write_json, is_trusted, load_checkpoint
+from ..io import atomic_torch_save, atomic_write_json, is_trusted, load_checkpoint, trusted_checkpoints
 from ..plugin.diagnostics import LossTermGradients
-from .common import (ConfigError, build_model, config_differences, config_snapshot, init_distributed, is_main_process,
-                     load_config, safe_torchdistill_loads, setup_logging, student_config_of)
+from ..runfiles import (RunLock, check_existing_kind, check_outputs, config_input_files, last_ckpt_path,
+                        refuse_existing)
+from .common import (ConfigError, build_model, check_device, config_differences, config_snapshot, init_distributed,
+                     is_main_process, load_config, run_cli, safe_torchdistill_loads, setup_logging, student_config_of)
 
 __all__ = ['main', 'run', 'get_parser', 'evaluate', 'last_ckpt_path', 'non_finite_tensors', 'sync_buffers',
-           'DivergedError', 'ResumeError']
+           'check_epochs', 'positive_int', 'DivergedError', 'ResumeError']
 
 logger = logging.getLogger('opdf_torchdistill.train')
 
@@ -87,7 +89,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--force', action='store_true',
                    help='start a fresh run even though dst_ckpt or its .last.pt exist (they are replaced); without '
                         'it such a run is refused (continue one with --resume)')
-    p.add_argument('--stop_after', type=int, metavar='N',
+    p.add_argument('--stop_after', type=positive_int, metavar='N',
                    help='leave after N epochs of this invocation (time-limited jobs); continue with --resume')
     p.add_argument('--metrics_json', '--json', dest='metrics_json',
                    help='write final metrics (accuracies, times, parameter counts, first-step gradient norms) here')
@@ -97,12 +99,23 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('-student_only', action='store_true', help='do not test the teacher')
     p.add_argument('-adjust_lr', action='store_true', help='multiply learning rates by the number of processes')
     p.add_argument('-log_config', action='store_true', help='log the loaded config')
+    p.add_argument('--trust_config', action='store_true',
+                   help='let the config\'s !import_call/!import_get tags run any importable name (configs are code: '
+                        'by default only torch, torchvision, torchdistill, this package, transformers, timm and the '
+                        'config\'s dependencies are allowed)')
+    p.add_argument('--debug', action='store_true', help='on an error, print the traceback too')
     return p
 
 
-def last_ckpt_path(dst_ckpt: str) -> Path:
-    path = Path(os.path.expanduser(dst_ckpt))
-    return path.with_name(path.stem + '.last' + path.suffix)
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
 
 
 def _unwrap(model):
@@ -462,56 +475,122 @@ def _param_counts(model) -> dict:
 
 
 def main(argv=None) -> int:
-    """Command-line entry point; returns the exit status (0: success, 1: a clear error was printed).
+    """Command-line entry point; returns the exit status (0: success, 1: an error, printed as one line).
 
     :func:`run` is the programmatic entry point (it returns the metrics and raises)."""
     args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except _USER_ERRORS as exc:
-        logger.debug('details', exc_info=True)
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f'error: {message}', file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_cli(lambda: run(args), args.debug)
+
+
+def check_epochs(config: dict) -> None:
+    """``num_epochs`` of ``train`` and of every ``train.stageN`` must be a positive integer (``-1`` would run
+    nothing and test the untrained student; ``abc`` would fail after the models are built)."""
+    train = config.get('train')
+    if not isinstance(train, dict):
+        raise ConfigError('the config has no train: section (a mapping)')
+    blocks = [('train', train)] + [(f'train.{k}', v) for k, v in train.items()
+                                   if str(k).startswith('stage') and isinstance(v, dict)]
+    for where, block in blocks:
+        if 'num_epochs' not in block:
+            continue
+        value = block['num_epochs']
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f'{where}.num_epochs must be a positive integer, got {value!r}')
+
+
+def _rank0_decides(check) -> None:
+    """Run ``check()`` on rank 0 only and raise on every rank when it fails (rank 0 its own error), so no
+    rank waits forever on a collective that rank 0 will never reach."""
+    if not (dist.is_available() and dist.is_initialized()):
+        check()
+        return
+    error, outcome = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error, outcome[0] = exc, str(exc)
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise ConfigError(f'rank 0 refused the run: {outcome[0]}')
+
+
+def _guard_outputs(args, snapshot: Any, dst_ckpt: str) -> None:
+    """Before anything is opened: no output may be an input or another output; a fresh run does not
+    replace an earlier run's files without --force (see :mod:`opdf_torchdistill.runfiles`)."""
+    outputs = {'--metrics_json': args.metrics_json, '--run_log': args.run_log}
+    if not args.test_only:
+        outputs = {'dst_ckpt': dst_ckpt, 'the resume checkpoint (<dst stem>.last.pt)': last_ckpt_path(dst_ckpt),
+                   'the lock file': f'{os.path.expanduser(dst_ckpt)}.lock', **outputs}
+    inputs = config_input_files(snapshot, args.config)
+    inputs = {f'the config\'s {k}' if k != '--config' else k: v for k, v in inputs.items()}
+    if args.test_only:
+        inputs['dst_ckpt (read by -test_only)'] = dst_ckpt
+    if args.resume and args.resume != 'auto' and Path(os.path.expanduser(args.resume)) != last_ckpt_path(dst_ckpt):
+        inputs['--resume'] = args.resume
+    check_outputs(outputs, inputs)
+    force = getattr(args, 'force', False)
+    if not args.test_only and not args.resume and not force:
+        refuse_existing({'dst_ckpt': dst_ckpt, 'its resume checkpoint': last_ckpt_path(dst_ckpt)},
+                        'they are an earlier run\'s, which a fresh run would replace: continue that run with '
+                        '--resume, replace it with --force, or choose another dst_ckpt (--dst_ckpt)')
+    if not force:
+        check_existing_kind(args.metrics_json, 'json', '--metrics_json')
+        check_existing_kind(args.run_log, 'text', '--run_log')
+    if not args.test_only:  # fail now, not after the first epoch
+        _check_writable(dst_ckpt, 'models.student_model.dst_ckpt')
+    if args.metrics_json:
+        _check_writable(args.metrics_json, '--metrics_json')
 
 
 def run(args: argparse.Namespace, config: dict | None = None):
     """Train (unless ``-test_only``) and test; returns ``(metrics, student, teacher)``.
 
     ``config``: an already loaded (and possibly edited) config to use instead of ``args.config``.
+    Outputs are checked before anything is opened (:func:`_guard_outputs`), and the run holds
+    ``<dst_ckpt>.lock`` from then on (one run per checkpoint).
     """
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_device(args.device)
     distributed, world_size, device_ids, device = init_distributed(args.device)
-    setup_logging(args.run_log)
-    logger.info('args: %s', vars(args))
     _set_seed(args.seed)
     trust = getattr(args, 'trust_checkpoint', None) or ()
+    snapshot = config_snapshot(args.config, args.overrides) if config is None else None
+    plain = snapshot if snapshot is not None else config
+    student_plain = student_config_of(plain)
+    if args.dst_ckpt:
+        student_plain['dst_ckpt'] = args.dst_ckpt
+    if 'dst_ckpt' not in student_plain:
+        raise ConfigError('models.student_model.dst_ckpt is required (where the best checkpoint goes)')
+    dst_ckpt = os.path.expanduser(str(student_plain['dst_ckpt']))
+    check_epochs(plain)
+    _rank0_decides(lambda: _guard_outputs(args, plain, dst_ckpt))
+    lock = RunLock(dst_ckpt, sys.argv) if not args.test_only and is_main_process() else None
+    if lock is not None:
+        _rank0_decides(lock.acquire)
+    try:
+        setup_logging(args.run_log)
+        logger.info('args: %s', vars(args))
+        with trusted_checkpoints(trust):
+            return _run(args, config, snapshot, dst_ckpt, distributed, world_size, device, trust)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, config, snapshot, dst_ckpt, distributed, world_size, device, trust):
     if config is None:
-        config = load_config(args.config, args.overrides)
-        snapshot = config_snapshot(args.config, args.overrides)
-    else:
-        snapshot = None  # an edited config object: no file to compare a resume with
+        config = load_config(args.config, args.overrides, trust_config=getattr(args, 'trust_config', False))
+    check_epochs(config)
     if args.log_config:
         logger.info('config: %s', config)
     models_config = config['models']
     teacher_config = models_config.get('teacher_model')
     student_config = student_config_of(config)
-    if args.dst_ckpt:
-        student_config['dst_ckpt'] = args.dst_ckpt
-        if snapshot is not None:
-            student_config_of(snapshot)['dst_ckpt'] = args.dst_ckpt
-    if 'dst_ckpt' not in student_config:
-        raise ConfigError('models.student_model.dst_ckpt is required (where the best checkpoint goes)')
-    dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
-    if not args.test_only and is_main_process():
-        _check_writable(dst_ckpt, 'models.student_model.dst_ckpt')
-        if args.metrics_json:
-            _check_writable(args.metrics_json, '--metrics_json')
+    student_config['dst_ckpt'] = dst_ckpt
     teacher = build_model(teacher_config, device, distributed, name='teacher_model', trust=trust) \
         if teacher_config is not None else None
     student = build_model(student_config, device, distributed,
@@ -548,17 +627,6 @@ def run(args: argparse.Namespace, config: dict | None = None):
     if distributed:
         dist.barrier()
     return metrics, student, teacher
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..matching import MatchError
-    from ..mpo import MPOError
-    from ..options import OptionError
-    return (ConfigError, CheckpointError, DivergedError, ResumeError, OptionError, MPOError, MatchError,
-            FileNotFoundError, PermissionError, IsADirectoryError, KeyError, ValueError)
-
-
-_USER_ERRORS = _user_errors()
 
 
 if __name__ == '__main__':  # pragma: no cover
