@@ -40,7 +40,8 @@ from torch import Tensor
 
 from . import mpo, planning
 from .weight_sites import to_matrix
-from .matching import LayerInfo, MatchError, auto_match, explicit_match
+from .matching import (LayerInfo, MatchError, auto_match, check_map_form, describe_pairing, is_index_map,
+                       resolve_match)
 from .planning import MPOPlan
 from .tables import format_table
 
@@ -142,7 +143,10 @@ def pair_layers(student: Sequence[ProbeEntry], teacher: Sequence[LayerInfo], cor
     teacher_by_name = {t.name: t for t in teacher}
     s_info = [_as_info(e) for e in mpo_layers]
     if layer_map is not None:
-        mapping = explicit_match(layer_map, s_info, list(teacher))
+        # layers not reported in this pass still count for a stack's depth ('uniform' needs it)
+        unseen = [LayerInfo(n, '', (0, 0)) for n in expected if n not in {e.name for e in mpo_layers}] \
+            if is_index_map(layer_map) else []
+        mapping = resolve_match(layer_map, s_info + unseen, list(teacher), key='alignment layer_map')
     elif any(e.partner for e in mpo_layers):
         mapping = {e.name: e.partner for e in mpo_layers if e.partner in teacher_by_name}
         rest = [i for i, e in zip(s_info, mpo_layers) if e.partner is None]
@@ -208,9 +212,16 @@ class CoreAligner:
 
     Args:
         cores: ``'auxiliary'`` (default), ``'all'``, ``'central'`` or a list of core indices.
-        layer_map: explicit ``{student: teacher}`` pairs or ``[[regex, replacement], ...]`` rules;
-            default: the partners planned with ``align_to`` if any, else automatic matching
-            (same role, relative depth, see :mod:`opdf_torchdistill.matching`).
+        layer_map: the *alignment* map, independent of the map the student was initialised with
+            (``init_from_teacher.layer_map``, ``fashion_vit_from_teacher``'s ``layer_map``): a
+            layer-index map, ``'uniform'`` (student layer ``i`` <- teacher layer ``2i + 1`` for 6 <- 12,
+            the paper's), ``'first'`` (``i`` <- ``i``), ``[j0, j1, ...]`` or ``{i: j}``, applied to every
+            stack of numbered layers (``encoder.layer.#``, ``blocks.#``); or explicit ``{student: teacher}``
+            names or ``[[regex, replacement], ...]`` rules (see :mod:`opdf_torchdistill.matching`).
+            Default (``None``): the partners planned with ``mpo.align_to`` if any, else automatic
+            matching (same role, relative depth: ``i`` <- ``2i + 1`` for 6 <- 12, as ``'uniform'``).
+            It is never derived from the initialisation map: a student initialised from the very
+            layers it is aligned to starts at distance 0 (see ``LossTermGradients``' warning).
         reduction: ``'relative'`` (default) or ``'paper'`` (see the module docstring).
         targets: ``'teacher'`` (default) or ``'random'`` (control), with ``targets_seed``.
     """
@@ -219,9 +230,7 @@ class CoreAligner:
         if not (cores in CORE_CHOICES or (isinstance(cores, (list, tuple)) and cores and
                                           all(isinstance(k, int) and not isinstance(k, bool) for k in cores))):
             raise ValueError(f'cores must be one of {list(CORE_CHOICES)} or a non-empty list of core indices, got {cores!r}')
-        if layer_map is not None and not isinstance(layer_map, (Mapping, list, tuple)):
-            raise ValueError(f'layer_map must be a mapping of student -> teacher names or a list of '
-                             f'[regex, replacement] rules, got {type(layer_map).__name__}')
+        check_map_form(layer_map, 'AuxTensorAlignmentLoss layer_map')
         if reduction not in REDUCTIONS:
             raise ValueError(f'reduction must be one of {list(REDUCTIONS)}, got {reduction!r}')
         if targets not in TARGET_CHOICES:
@@ -253,9 +262,18 @@ class CoreAligner:
         self.pairs, self.coverage, self._pairs_key = pairs, coverage, key
         logger.info('%s (cores=%s, reduction=%s, targets=%s):\n%s', coverage.summary(), self.cores, self.reduction,
                     self.target_source, self.table())
+        logger.info('OPDF alignment layer map: %s -> %s', self.describe_map(),
+                    describe_pairing({p.student: p.teacher for p in pairs}))
         for name, why in coverage.unaligned:
             logger.warning('OPDF: student weight %s is over-parameterized but not aligned: %s', name, why)
         return pairs
+
+    def describe_map(self) -> str:
+        """Which alignment map is in use, in words (for logs and run records)."""
+        if self.layer_map is None:
+            return ('automatic (layer_map not given: partners planned with mpo.align_to, else same role at the same '
+                    'relative depth; independent of the initialisation map)')
+        return f'layer_map {self.layer_map!r}'
 
     def table(self) -> str:
         return pairing_table(self.pairs, self.coverage) if self.coverage is not None else ''

@@ -166,6 +166,9 @@ def _init_from_teacher(model: nn.Module, spec: Any) -> None:
         raise OptionError(f'init_from_teacher: unknown keys {unknown}; valid keys: {list(_INIT_KEYS)}')
     teacher = load_hf_model(spec['model'], 'init_from_teacher.model')
     kwargs = {k: spec[k] for k in ('embeddings', 'pooler', 'classifier') if k in spec}
+    if 'layer_map' not in spec:
+        logger.info("init_from_teacher.layer_map not given: 'uniform' (student layer i <- teacher layer 2i + 1 "
+                    "for 6 <- 12); the alignment map is the AuxTensorAlignmentLoss's own layer_map")
     init_from_teacher_layers(model, teacher, spec.get('layer_map', 'uniform'), **kwargs)
 
 
@@ -182,8 +185,12 @@ def opdf_hf_student(student_model: nn.Module | None = None, teacher_model: nn.Mo
             **config}`` of the teacher (built on the meta device, no weights read). ``None`` leaves the
             student dense (a baseline that only uses ``init_from_teacher``).
         init_from_teacher: ``{model: <teacher path / hub id / from_pretrained kwargs>, layer_map:
-            'uniform' | [j0, j1, ...] | {i: j}, embeddings: true, pooler: true, classifier: false}``:
-            copy the teacher's layers into the student first (the paper's students start so).
+            'uniform' | 'first' | [j0, j1, ...] | {i: j}, embeddings: true, pooler: true, classifier:
+            false}``: copy the teacher's layers into the student first (the paper's students start so).
+            ``layer_map`` (default ``'uniform'``, ``2i + 1``) is the *initialisation* map only; which
+            teacher layer each student layer is aligned to is the ``AuxTensorAlignmentLoss``'s
+            ``layer_map`` (default: relative depth, ``2i + 1``). The paper's setting (Theseus):
+            ``'first'`` here, ``'uniform'`` there; the same map for both starts the alignment at 0.
         dense_state_dict: ``state_dict()`` returns contracted weights (default), so ``save_pretrained``
             writes a plain Hugging Face model. ``false`` saves the cores (exact resume, needs this package).
     """

@@ -7,6 +7,14 @@ whose base model has ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, ELECTR
 wrapped in a task head (``BertForSequenceClassification``...). Call it *before*
 ``overparameterize``: the cores are then decomposed from the copied weights. No dependency on
 ``transformers`` itself: modules are found by attribute.
+
+The initialisation map (``init_from_teacher.layer_map``) is independent of the alignment map (the
+``layer_map`` of ``AuxTensorAlignmentLoss``, default: relative depth, ``2i + 1`` for 6 <- 12): neither
+is derived from the other. BERT-of-Theseus, the paper's main row, initialises from teacher layers
+``0..S-1`` (``'first'``) and aligns student layer ``i`` to teacher layer ``2i + 1`` (``'uniform'``),
+so the aligned cores differ from the first step. Initialising from the very layers the student is
+aligned to (``'uniform'`` for both) makes the alignment term start at exactly 0: it then only pulls
+the student back toward its initial weights (``LossTermGradients`` warns about it at the first step).
 """
 from __future__ import annotations
 
@@ -39,39 +47,41 @@ def resolve_layer_map(layer_map, num_student: int, num_teacher: int) -> list[int
     """Teacher layer index for each student layer ``0..num_student-1``.
 
     ``layer_map`` is ``'uniform'`` (student layer ``i`` <- teacher layer ``(i + 1) * T // S - 1``: the
-    last layer of each of ``S`` equal blocks, i.e. ``2i + 1`` for 12 -> 6, the paper's map),
-    ``'first'`` (``i`` <- ``i``), a list (``i`` <- ``layer_map[i]``), or a mapping ``{i: j}`` that names
-    every student layer.
+    last layer of each of ``S`` equal blocks, i.e. ``2i + 1`` for 12 -> 6, the paper's *alignment*
+    map), ``'first'`` (``i`` <- ``i``: BERT-of-Theseus' initialisation), a list (``i`` <-
+    ``layer_map[i]``), or a mapping ``{i: j}`` that names every student layer. Errors name the key
+    (``init_from_teacher.layer_map``) and the valid choices.
     """
-    choices = "'uniform', 'first', a list of teacher layer indices (one per student layer) or a mapping {student: teacher}"
+    choices = ("'uniform' (i <- (i+1)T//S - 1: 2i+1 for 12 -> 6), 'first' (i <- i), a list of teacher layer indices "
+               "(one per student layer) or a mapping {student: teacher}")
     if isinstance(layer_map, str):
         if layer_map == 'uniform':
             if num_teacher < num_student:
-                raise ValueError(f"init_from_teacher: layer_map 'uniform' needs a teacher at least as deep as the "
+                raise ValueError(f"init_from_teacher.layer_map: 'uniform' needs a teacher at least as deep as the "
                                  f'student ({num_teacher} < {num_student} layers)')
             mapping = [(i + 1) * num_teacher // num_student - 1 for i in range(num_student)]
         elif layer_map == 'first':
             mapping = list(range(num_student))
         else:
-            raise ValueError(f'init_from_teacher: unknown layer_map {layer_map!r}; valid: {choices}')
+            raise ValueError(f'init_from_teacher.layer_map: unknown layer_map {layer_map!r}; valid: {choices}')
     elif isinstance(layer_map, Mapping):
         keys = {int(k) if isinstance(k, str) and k.isdigit() else k for k in layer_map}
         if keys != set(range(num_student)):
             missing = sorted(set(range(num_student)) - keys)
             extra = sorted(map(str, keys - set(range(num_student))))
-            raise ValueError(f'init_from_teacher: layer_map must name every student layer 0..{num_student - 1} once; '
+            raise ValueError(f'init_from_teacher.layer_map must name every student layer 0..{num_student - 1} once; '
                              f'missing {missing}, not student layers {extra}')
         mapping = [layer_map[i] if i in layer_map else layer_map[str(i)] for i in range(num_student)]
     elif isinstance(layer_map, Sequence):
         mapping = list(layer_map)
         if len(mapping) != num_student:
-            raise ValueError(f'init_from_teacher: layer_map lists {len(mapping)} teacher layers for a student of '
+            raise ValueError(f'init_from_teacher.layer_map lists {len(mapping)} teacher layers for a student of '
                              f'{num_student} layers')
     else:
-        raise ValueError(f'init_from_teacher: layer_map must be {choices}, got {type(layer_map).__name__}')
+        raise ValueError(f'init_from_teacher.layer_map must be {choices}, got {type(layer_map).__name__}')
     for i, j in enumerate(mapping):
         if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < num_teacher:
-            raise ValueError(f'init_from_teacher: student layer {i} <- teacher layer {j!r}: the teacher has layers '
+            raise ValueError(f'init_from_teacher.layer_map: student layer {i} <- teacher layer {j!r}: the teacher has layers '
                              f'0..{num_teacher - 1}')
     return mapping
 
@@ -95,7 +105,9 @@ def init_from_teacher_layers(student: nn.Module, teacher: nn.Module, layer_map='
 
     Args:
         student, teacher: BERT-style models of the same widths (see :func:`encoder_parts`).
-        layer_map: see :func:`resolve_layer_map`; ``'uniform'`` (default) is ``2i + 1`` for 12 -> 6.
+        layer_map: the initialisation map, see :func:`resolve_layer_map`; ``'uniform'`` (default, for
+            backward compatibility) is ``2i + 1`` for 12 -> 6; ``'first'`` is Theseus' ``0..S-1``. It
+            does not set the alignment pairing (the alignment loss's own ``layer_map``).
         embeddings: copy the embeddings too (the paper's students start with the teacher's).
         pooler: copy the pooler when both models have one.
         classifier: copy the task head (``classifier``) too; for a teacher fine-tuned on the same task.
@@ -137,6 +149,6 @@ def init_from_teacher_layers(student: nn.Module, teacher: nn.Module, layer_map='
         if not isinstance(s_head, nn.Module) or not isinstance(t_head, nn.Module):
             raise ValueError('init_from_teacher: classifier=True needs a .classifier module on both models')
         copy(s_head, t_head, 'classifier', 'classifier')
-    logger.info('initialised the student from the teacher: %s',
-                ', '.join(f'{s} <- {t}' for s, t in pairs))
+    logger.info('initialised the student from the teacher (init_from_teacher.layer_map %r: student layer i <- '
+                'teacher layer %s): %s', layer_map, mapping, ', '.join(f'{s} <- {t}' for s, t in pairs))
     return pairs

@@ -29,7 +29,9 @@ Every option is a keyword argument of ``overparameterize`` and a key of the ``mp
 ``align_to``       a teacher ``nn.Module`` (weights not needed, ``meta`` device is fine): layers that
                    match a teacher layer of another width get three real factors so that their
                    auxiliary cores have the teacher's shapes (see ``planning.aligned_plans``).
-``layer_map``      explicit student -> teacher map for ``align_to`` (see ``matching.explicit_match``).
+``layer_map``      explicit student -> teacher map for ``align_to``: ``'uniform'``, ``'first'``, a list
+                   or ``{i: j}`` of layer indices, or names / regex rules (``matching.resolve_match``).
+                   Default: automatic (relative depth). Not the initialisation map.
 ``verify``         check every decomposition's reconstruction error. Default True.
 ``tolerance``      relative error allowed by ``verify``; default by dtype (float64 1e-10,
                    float32 1e-4, half types 1e-2).
@@ -181,6 +183,8 @@ class MPOConfig:
             raise OptionError(f'align_to must be a teacher nn.Module, got {type(self.align_to).__name__}')
         if self.layer_map is not None and self.align_to is None:
             raise OptionError('layer_map is only used with align_to (the teacher to plan against)')
+        from .matching import check_map_form
+        check_map_form(self.layer_map, 'mpo.layer_map')
         if self.overrides is None:
             self.overrides = {}
         if not isinstance(self.overrides, Mapping):

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from . import mpo, planning
 from .weight_sites import WeightSite, classify_module, to_matrix
-from .matching import LayerInfo, auto_match, explicit_match
+from .matching import LayerInfo, resolve_match
 from .options import MPOConfig, OptionError
 from .parametrization import MPOWeight
 from .planning import MPOPlan
@@ -197,8 +197,7 @@ def _plan(selected, cfg: MPOConfig, model_params: int) -> tuple[list[MPOPlan], l
             teacher_sites, _ = weight_sites(cfg.align_to)
             teacher_info = {s.name: LayerInfo(s.name, s.kind, s.matrix_shape) for _, s in teacher_sites}
             student_info = [LayerInfo(s.name, s.kind, s.matrix_shape) for _, s, _ in selected]
-            pairs = explicit_match(cfg.layer_map, student_info, list(teacher_info.values())) \
-                if cfg.layer_map is not None else auto_match(student_info, list(teacher_info.values()))
+            pairs = resolve_match(cfg.layer_map, student_info, list(teacher_info.values()), key='mpo.layer_map')
             for k, (_, site, ov) in enumerate(selected):
                 partner = pairs.get(site.name)
                 plans[k] = _plan_one(site, cfg, ov)

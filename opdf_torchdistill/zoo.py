@@ -22,12 +22,18 @@ exist once in both, and a student stage's block ``i`` pairs with a teacher block
 ``fashion_vit`` is a small pre-norm ViT (patch embedding, class token, learned positions) whose
 attention has separate ``query``/``key``/``value``/``out`` Linears (as BERT's), so every attention and
 MLP matrix is a plain ``nn.Linear`` that OPDF over-parameterizes and aligns.
-``fashion_vit_from_teacher`` builds a shallower one whose block ``i`` is a copy of the teacher's block
-``2i + 1`` (``layer_map: 'odd'``, the paper's BERT students) and whose embeddings, final norm and head
-are the teacher's, loaded from the teacher's checkpoint with ``torch.load(..., weights_only=True)``.
+``fashion_vit_from_teacher`` builds a shallower one whose block ``i`` is a copy of a teacher block
+(``layer_map: 'odd'``, ``2i + 1``; ``'first'``, ``i``: BERT-of-Theseus' initialisation) and whose
+embeddings, final norm and head are the teacher's, loaded from the teacher's checkpoint with
+``torch.load(..., weights_only=True)``. That ``layer_map`` is the *initialisation* map only; the
+alignment pairs are the ``AuxTensorAlignmentLoss``'s ``layer_map`` (or ``mpo.layer_map`` when
+planned with ``align_to``; default: relative depth, block ``i`` <- ``2i + 1``). ``'odd'`` with the
+default alignment starts every aligned pair at distance 0 (configs/fashion/vit/); ``'first'`` with
+``'uniform'`` alignment is the paper's Theseus setting (configs/fashion/vit_theseus/).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Mapping, Sequence
@@ -37,7 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['DigitsCNN', 'digits_cnn', 'FashionCNN', 'fashion_cnn', 'FashionViT', 'fashion_vit',
-           'fashion_vit_from_teacher', 'init_vit_from_teacher', 'vit_layer_map']
+           'fashion_vit_from_teacher', 'init_vit_from_teacher', 'vit_layer_map', 'VIT_LAYER_MAPS']
+
+
+logger = logging.getLogger(__name__)
 
 
 def _no_extra(name: str, kwargs: dict, valid: str) -> None:
@@ -180,19 +189,29 @@ def fashion_vit(depth: int = 6, dim: int = 64, heads: int = 4, mlp_dim: int = 12
     return FashionViT(depth, dim, heads, mlp_dim, patch, image_size, num_classes, in_channels)
 
 
+VIT_LAYER_MAPS = ('odd', 'even', 'first', 'uniform')
+
+
 def vit_layer_map(layer_map: str | Sequence[int], depth: int, teacher_depth: int) -> list[int]:
-    """Teacher block of every student block: ``'odd'`` ``i <- 2i + 1``, ``'even'`` ``i <- 2i``, or a list."""
+    """Teacher block of every student block (the initialisation map): ``'odd'`` ``i <- 2i + 1``,
+    ``'even'`` ``i <- 2i``, ``'first'`` ``i <- i`` (Theseus), ``'uniform'`` ``i <- (i + 1) T // S - 1``
+    (the last block of each of ``S`` equal shares: ``2i + 1`` at half the depth), or a list."""
     if layer_map == 'odd':
         mapped = [2 * i + 1 for i in range(depth)]
     elif layer_map == 'even':
         mapped = [2 * i for i in range(depth)]
+    elif layer_map == 'first':
+        mapped = list(range(depth))
+    elif layer_map == 'uniform':
+        mapped = [(i + 1) * teacher_depth // depth - 1 for i in range(depth)]
     elif isinstance(layer_map, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in layer_map):
         mapped = list(layer_map)
         if len(mapped) != depth:
             raise ValueError(f'layer_map {mapped} has {len(mapped)} entries for a student of depth {depth}')
     else:
-        raise ValueError(f"layer_map must be 'odd' (i <- 2i+1), 'even' (i <- 2i) or a list of teacher block "
-                         f'indices, got {layer_map!r}')
+        raise ValueError(f"layer_map must be 'odd' (i <- 2i+1), 'even' (i <- 2i), 'first' (i <- i), 'uniform' "
+                         f"(i <- (i+1)T//S - 1) or a list of teacher block indices (the initialisation map of "
+                         f"fashion_vit_from_teacher), got {layer_map!r}")
     bad = [t for t in mapped if not 0 <= t < teacher_depth]
     if bad:
         raise ValueError(f'layer_map {mapped}: teacher blocks {bad} do not exist (the teacher has blocks '
@@ -243,5 +262,7 @@ def fashion_vit_from_teacher(teacher_ckpt: str, layer_map: str | Sequence[int] =
     if not isinstance(state, Mapping):
         raise TypeError(f'fashion_vit_from_teacher: {path} holds {type(state).__name__}, not a state dict')
     student = FashionViT(depth, dim, heads, mlp_dim, patch, image_size, num_classes, in_channels)
-    init_vit_from_teacher(student, state, layer_map, source=path)
+    mapped = init_vit_from_teacher(student, state, layer_map, source=path)
+    logger.info('fashion_vit_from_teacher: initialisation layer_map %r: student block i <- teacher block %s (the '
+                'alignment pairs are the alignment layer_map\'s, not this one)', layer_map, mapped)
     return student

@@ -183,7 +183,8 @@ def test_vit_student_is_initialised_from_teacher_layers(tmp_path):
     teacher = fashion_vit(depth=6)
     path = tmp_path / 'teacher.pt'
     torch.save({'model': teacher.state_dict(), 'best_value': 80.0, 'args': {'seed': 0}}, path)
-    for layer_map, expected in (('odd', [1, 3, 5]), ('even', [0, 2, 4]), ([5, 0, 2], [5, 0, 2])):
+    for layer_map, expected in (('odd', [1, 3, 5]), ('even', [0, 2, 4]), ('first', [0, 1, 2]), ('uniform', [1, 3, 5]),
+                                ([5, 0, 2], [5, 0, 2])):
         student = fashion_vit_from_teacher(str(path), layer_map=layer_map, depth=3)
         for i, t in enumerate(expected):
             s_state, t_state = student.blocks[i].state_dict(), teacher.blocks[t].state_dict()

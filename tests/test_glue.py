@@ -208,6 +208,23 @@ def test_opdf_recipe_differs_from_its_baseline_only_by_plugin_keys(opdf, baselin
     assert mpo['selection'] == 'bert' and mpo['num_dummy'] == 1
 
 
+def test_bert6_recipes_init_from_first_layers_and_align_uniform():
+    """The paper's setting (BERT-of-Theseus): init from teacher layers 0..5, align layer i with 2i + 1;
+    the KD baseline starts from the same layers, so the two differ only by OPDF."""
+    for task in TASKS:
+        kd = _plain_yaml(GLUE / task / 'kd-bert6_from_bert_base_uncased.yaml')
+        opdf = _plain_yaml(GLUE / task / 'opdf-kd-bert6_from_bert_base_uncased.yaml')
+        for config in (kd, opdf):
+            init = config['train']['student']['auxiliary_model_wrapper']['kwargs']['init_from_teacher']
+            assert init['layer_map'] == 'first', task
+        term = opdf['train']['criterion']['kwargs']['sub_terms']['opdf']['criterion']
+        assert term['kwargs'] == {'layer_map': 'uniform'}, task
+        for name in ('kd-bert_base_uncased_from_bert_large_uncased.yaml',
+                     'opdf-kd-bert_base_uncased_from_bert_large_uncased.yaml'):  # pretrained student: no init
+            student = _plain_yaml(GLUE / task / name)['train']['student']
+            assert 'init_from_teacher' not in ((student.get('auxiliary_model_wrapper') or {}).get('kwargs') or {})
+
+
 @pytest.fixture(scope='module')
 def hub(tmp_path_factory):
     """Local stand-ins for every Hub id the recipes name: 48-wide students (the BERT-base role: a
@@ -317,8 +334,15 @@ def test_glue_recipe_in_miniature(path, hub, tmp_path, caplog):
         found = re.findall(r'OPDF alignment (?:coverage: (\d+)/\d+ MPO weights aligned|\((\d+) pairs)', caplog.text)
         pairs = [int(a or b) for a, b in found]
         assert pairs and pairs[-1] == selected, f'aligned {pairs}, selected {selected}'
-    if 'bert6' in path.name:  # student layers 0, 1 start from teacher layers 1, 3 ('uniform' 4 -> 2)
-        assert 'bert.encoder.layer.1 <- bert.encoder.layer.3' in caplog.text
+    if 'bert6' in path.name:  # Theseus: student layers 0, 1 start from teacher layers 0, 1 ('first')
+        assert 'bert.encoder.layer.1 <- bert.encoder.layer.1' in caplog.text
+        assert 'bert.encoder.layer.1 <- bert.encoder.layer.3' not in caplog.text
+    if 'bert6' in path.name and path.name.startswith('opdf-'):  # ... and align with 1, 3 ('uniform' 4 -> 2)
+        assert "layer_map 'uniform' -> bert.encoder.layer.#: 0<-1, 1<-3" in caplog.text
+        alignment = result['first_step']['alignment']
+        assert alignment['alignment_starts_at_zero'] is False and alignment['initial_relative_distance'] > 0.1
+        assert result['first_step']['grad_norms']['opdf'] > 0
+        assert 'pull-back to the initial weights' not in caplog.text
     if task == 'rte':  # -test_only reloads the saved student and reproduces the test metrics
         args = glue.get_parser().parse_args(['--config', str(path), '--device', 'cpu', '-test_only', '-student_only'])
         again = glue.run(args, copy.deepcopy(config))

@@ -331,7 +331,8 @@ def train(teacher_model, student_model, dataset_dict, dst_ckpt_dir, task, device
         box = get_training_box(student_model, dataset_dict, train_config, device, None, False, 1)
     else:
         box = get_distillation_box(teacher_model, student_model, dataset_dict, train_config, device, None, False, 1)
-    best, history = None, []
+    from ..plugin.diagnostics import LossTermGradients
+    best, history, first_step = None, [], None
     for epoch in range(box.num_epochs):
         box.pre_epoch_process(epoch=epoch)
         if teacher_model is not None and not train_config.get('teacher', {}).get('requires_grad', True):
@@ -340,7 +341,11 @@ def train(teacher_model, student_model, dataset_dict, dst_ckpt_dir, task, device
         metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value}'))
         for batch in metric_logger.log_every(box.train_data_loader, train_config.get('log_freq', 50), f'Epoch: [{epoch}]'):
             batch = {k: v.to(device) for k, v in batch.items()}
+            # first step: each loss term's gradient norm on the aligned cores, and whether alignment starts at 0
+            term_gradients = LossTermGradients(box) if teacher_model is not None and first_step is None else None
             loss = box.forward_process(batch, targets=None, supp_dict=None)
+            if term_gradients is not None:
+                first_step = term_gradients.measure(student_model)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f'epoch {epoch}: training loss is {loss.item()}; stopping (nothing saved '
                                          f'from this epoch)')
@@ -355,7 +360,7 @@ def train(teacher_model, student_model, dataset_dict, dst_ckpt_dir, task, device
             student_model.save_pretrained(dst_ckpt_dir)
             tokenizer.save_pretrained(dst_ckpt_dir)
         box.post_epoch_process()
-    return {'validation': history}
+    return {'validation': history, 'first_step': first_step}
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     result.update({'config': args.config, 'overrides': args.overrides, 'miniature': args.miniature, 'seed': args.seed})
-    print(json.dumps({k: result[k] for k in ('grad_norms', 'cores', 'num_cores')}, indent=1))
+    print(json.dumps({k: result[k] for k in ('grad_norms', 'cores', 'num_cores', 'alignment') if k in result}, indent=1))
     if args.json:
         from ..io import atomic_write_json
         atomic_write_json(result, args.json)
