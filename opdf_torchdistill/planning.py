@@ -30,9 +30,39 @@ from . import mpo
 from .mpo import MPOError
 
 __all__ = [
-    'MPOPlan', 'FACTOR_ORDERS', 'divisors', 'balanced_factors', 'insert_dummies', 'balanced_plan', 'bond_options',
+    'MPOPlan', 'FACTOR_ORDERS', 'MAX_PLAN_RATIO', 'check_plan_size', 'projected_params', 'divisors', 'balanced_factors', 'insert_dummies', 'balanced_plan', 'bond_options',
     'plan_for_bond', 'plan_target_ratio', 'teacher_plan', 'is_splittable', 'aligned_plans', 'explicit_plan', 'auxiliary_compatible',
 ]
+
+
+#: The largest parameter ratio (MPO cores / dense weight) one weight's plan may have. OPDF's useful range
+#: is 1.5x to 4x; far beyond it lies a typo (``num_dummy: 1000``) that would allocate gigabytes.
+MAX_PLAN_RATIO = 64
+
+
+def check_plan_size(shape: Sequence[int], params: int, num_dummy: int | None = None) -> None:
+    """Refuse a plan of more than :data:`MAX_PLAN_RATIO` times the weight's parameters (before anything
+    is allocated)."""
+    numel = int(shape[0]) * int(shape[1])
+    if params > MAX_PLAN_RATIO * numel:
+        extra = f' with num_dummy={num_dummy}' if num_dummy is not None else ''
+        raise MPOError(f'a {shape[0]}x{shape[1]} weight{extra} would get {params:,} MPO parameters, '
+                       f'{params / numel:,.0f}x its {numel:,} (the limit is {MAX_PLAN_RATIO}x; OPDF\'s useful range is '
+                       f'about 1.5x to 4x, i.e. num_dummy 0 to 4)')
+
+
+def projected_params(rows: Sequence[int], cols: Sequence[int], num_dummy: int, max_bond: int | None = None) -> int:
+    """Parameters of :func:`insert_dummies` ``(rows, cols, num_dummy)`` without building it: each dummy is
+    an ``r x r`` core, ``r`` the bond where it is inserted (dummy factors change no other bond)."""
+    base = mpo.num_params(rows, cols, max_bond)
+    if num_dummy == 0:
+        return base
+    bonds, m = mpo.bond_dims(rows, cols, max_bond), len(rows)
+    if m % 2 == 0:
+        return base + num_dummy * bonds[m // 2] ** 2
+    c = m // 2
+    before, after = num_dummy // 2, num_dummy - num_dummy // 2
+    return base + before * bonds[c] ** 2 + after * bonds[c + 1] ** 2
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,7 @@ class MPOPlan:
         object.__setattr__(self, 'row_factors', tuple(int(v) for v in self.row_factors))
         object.__setattr__(self, 'col_factors', tuple(int(v) for v in self.col_factors))
         mpo.check_factors(self.shape, self.row_factors, self.col_factors)
+        check_plan_size(self.shape, self.num_params, self.num_dummy)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -218,6 +249,7 @@ def balanced_plan(shape: Sequence[int], num_factors: int = 2, num_dummy: int = 1
         chosen = (row_f, col_f)
     if chosen is None:  # largest_bond, or a paper order whose end core would be a 1 x 1 scalar
         chosen = _largest_bond_order(row_f, col_f) or (row_f, col_f)
+    check_plan_size(shape, projected_params(chosen[0], chosen[1], num_dummy, max_bond), num_dummy)
     rows, cols = insert_dummies(chosen[0], chosen[1], num_dummy)
     return MPOPlan(rows, cols, max_bond)
 

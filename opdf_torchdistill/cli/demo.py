@@ -66,11 +66,16 @@ def _epoch_overrides(config: Path, epochs: int | None) -> list[str]:
     return items
 
 
-def _train(config: Path, seed: int, device: str, out_dir: Path, name: str, epochs: int | None = None):
-    """Run one config through the runner, with its checkpoints (and the teacher's) under ``out_dir``."""
+def _train(config: Path, seed: int, device: str, out_dir: Path, name: str, epochs: int | None = None,
+           mode: str = '--force'):
+    """Run one config through the runner, with its checkpoints (and the teacher's) under ``out_dir``.
+
+    ``mode``: ``--force`` (the demo owns ``out_dir``: a rerun replaces its own students), ``--resume``
+    (continue an interrupted teacher) or ``''`` (a fresh run that must not replace anything)."""
     from .train import get_parser, run
     key = 'model' if name in ('teacher', 'student_ce') else 'student_model'
     argv = ['--config', str(config), '--device', device, '--seed', str(seed), '--dst_ckpt', str(out_dir / f'{name}.pt')]
+    argv += [mode] if mode else []
     if key == 'student_model':
         argv += ['--set', f'models.teacher_model.src_ckpt={out_dir / "teacher.pt"}']
     for item in _epoch_overrides(config, epochs):
@@ -101,11 +106,47 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, help='torch intra-op threads')
     p.add_argument('--retrain_teacher', action='store_true', help='train the teacher even if its checkpoint exists')
     p.add_argument('-v', '--verbose', action='store_true', help='show the full training logs')
+    p.add_argument('--debug', action='store_true', help='on an error, print the traceback too')
     return p
 
 
+def _teacher_step(args, configs: Path, out: Path, total: int):
+    """Reuse a finished teacher, resume an interrupted one, train a missing one; say which."""
+    from ..io import load_checkpoint
+    from ..plugin.models import build_base_model
+    from ..runfiles import run_state, total_epochs
+    from .common import load_config
+    config = configs / 'teacher.yaml'
+    epochs = args.epochs or total_epochs(load_config(str(config)))
+    teacher_ckpt = out / 'teacher.pt'
+    state, reached = run_state(teacher_ckpt, epochs)
+    if args.retrain_teacher:
+        state = 'retrain'
+    if state == 'done':
+        _step(1, total, f'teacher: reusing {teacher_ckpt} (finished: {reached or epochs} epochs)')
+        teacher = build_base_model('digits_cnn', widths=[32, 64, 64], num_classes=10)
+        teacher.load_state_dict(load_checkpoint(teacher_ckpt)['model'], strict=True)
+        return teacher, None
+    if state == 'resume':
+        _step(1, total, f'teacher: {teacher_ckpt} is unfinished (epoch {reached} of {epochs}); resuming it ...')
+        mode = '--resume'
+    else:
+        _step(1, total, 'teacher: training digits_cnn (32, 64, 64) with cross-entropy ...' +
+              (' (--retrain_teacher)' if state == 'retrain' else ''))
+        mode = '--force' if state == 'retrain' else ''
+    _, teacher, _, seconds = _train(config, args.seed, args.device, out, 'teacher', args.epochs, mode)
+    return teacher, seconds
+
+
 def main(argv=None) -> int:
+    from .common import run_cli
     args = get_parser().parse_args(argv)
+    status: list[int] = []
+    code = run_cli(lambda: status.append(_main(args)), args.debug)
+    return code if code != 0 or not status else status[0]
+
+
+def _main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -129,16 +170,7 @@ def main(argv=None) -> int:
     test = Digits('test', train_fraction=0.25)
     x_test, y_test = test.images, test.targets
 
-    teacher_ckpt = out / 'teacher.pt'
-    if teacher_ckpt.exists() and not args.retrain_teacher:
-        _step(1, total, f'teacher: reusing {teacher_ckpt}')
-        teacher = build_base_model('digits_cnn', widths=[32, 64, 64], num_classes=10)
-        teacher.load_state_dict(load_checkpoint(teacher_ckpt)['model'], strict=True)
-        teacher_seconds = None
-    else:
-        _step(1, total, 'teacher: training digits_cnn (32, 64, 64) with cross-entropy ...')
-        _, teacher, _, teacher_seconds = _train(configs / 'teacher.yaml', args.seed, args.device, out, 'teacher',
-                                                args.epochs)
+    teacher, _ = _teacher_step(args, configs, out, total)
     results = {}
     for number, (name, label) in enumerate([('student_ce', 'student alone (cross-entropy)'), ('kd', 'student + KD'),
                                             ('kd_opdf', 'student + KD + OPDF')], 2):
@@ -152,7 +184,7 @@ def main(argv=None) -> int:
     _step(5, total, 'exporting the OPDF student: contract the cores, verify, write the plain checkpoint ...')
     config = load_config(str(configs / 'kd_opdf.yaml'), [f'models.student_model.dst_ckpt={out / "kd_opdf.pt"}'])
     exported_path = out / 'kd_opdf_exported.pt'
-    summary = export_student(config, str(out / 'kd_opdf.pt'), str(exported_path), x_test[:64])
+    summary = export_student(config, str(out / 'kd_opdf.pt'), str(exported_path), x_test[:64])  # owns out: force
     plain = build_base_model('digits_cnn', widths=[4, 8, 8], num_classes=10)
     plain.load_state_dict(load_checkpoint(exported_path), strict=True)
     plain.eval()
