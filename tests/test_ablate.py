@@ -3,7 +3,9 @@ import io
 import json
 import math
 import re
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -217,9 +219,168 @@ def test_records_are_appended_atomically_and_concurrently(tmp_path):
     records = study.load_records(path)
     assert records[0] == {'key': 'a', 'status': 'ok'} and len(records) == 17
     assert not list(tmp_path.glob('.*')) and not list(tmp_path.glob('*.lock'))  # nothing left beside the records
-    path.write_text(path.read_text() + '{"key": \n')
-    with pytest.raises(ValueError, match=r'r.jsonl:18: not a JSON record'):
+    study.append_record({'key': 'k3', 'status': 'ok', 'wall_seconds': 9.0}, path)  # a copy: nothing changes
+    assert study.load_records(path) == records
+    with pytest.raises(study.RecordError, match=r'r.jsonl:\d+: run k3 \(None seed=None\) is recorded there with '
+                                                r'another result \(ok\); the new one \(diverged\) is not written'):
+        study.append_record({'key': 'k3', 'status': 'diverged'}, path)
+    assert study.load_records(path) == records
+
+
+
+# -- hostile record files and specs (issue 23) ---------------------------------------------------
+@pytest.fixture
+def studied(workspace, monkeypatch):
+    """The toy study, run to the end with fake runs: (spec path, record file)."""
+    monkeypatch.setattr(runner, '_execute', _fake_execute)
+    spec = _spec(workspace)
+    study.run_study(study.load_study(spec), stream=io.StringIO())
+    return spec, workspace / 'toy.jsonl'
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err  # one line, no traceback
+    return err
+
+
+def test_a_second_record_of_a_run_with_other_results_is_an_error_naming_both_lines(studied, capsys):
+    spec, path = studied
+    lines = path.read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if json.loads(line)['phase'] == 'final')
+    record = json.loads(lines[number - 1])
+    forged = dict(record, metrics=dict(record['metrics'], test_acc1=40.06), wall_seconds=1.0)
+    path.write_text('\n'.join(lines + [json.dumps(forged)]) + '\n')
+    for argv in (['report', '--study', str(spec)], ['report', '--out', str(path)]):
+        assert ablate.main(argv) == 1  # not a table in which 40.06 silently replaced the first result
+        err = _one_error_line(capsys)
+        assert f'{path}:{number} and line {len(lines) + 1}: two records of run {record["key"]}' in err
+        assert f'test_acc1 {record["metrics"]["test_acc1"]}' in err and 'test_acc1 40.06' in err
+    with pytest.raises(study.RecordError, match='with different results'):
+        study.run_study(study.load_study(spec), stream=io.StringIO())
+    # across files too: the same run in two record files given to one report
+    other = path.with_name('other.jsonl')
+    other.write_text(json.dumps(forged) + '\n')
+    path.write_text('\n'.join(lines) + '\n')
+    assert ablate.main(['report', '--out', str(path), str(other)]) == 1
+    assert f'{path}:{number} and {other}:1: two records of run' in _one_error_line(capsys)
+
+
+def test_a_copy_of_a_record_collapses_and_a_failed_attempt_yields_to_its_retry(studied, capsys):
+    spec, path = studied
+    capsys.readouterr()
+    lines = path.read_text().splitlines()
+    copy = json.loads(lines[5])
+    copy['wall_seconds'], copy['metrics']['train_seconds'], copy['finished'] = 99.0, 98.0, '2030-01-01T00:00:00Z'
+    failed = dict(json.loads(lines[-1]), status='failed', metrics={}, error='killed')
+    path.write_text('\n'.join([json.dumps(failed)] + lines + [json.dumps(copy)]) + '\n')
+    assert len(study.load_records(path)) == 24  # the same run timed twice is one run
+    assert ablate.main(['report', '--study', str(spec)]) == 0
+    assert capsys.readouterr().out == EXPECTED
+
+
+def test_an_incomplete_last_line_is_set_aside_with_one_warning_and_the_study_goes_on(studied, monkeypatch, capsys):
+    spec, path = studied
+    capsys.readouterr()
+    text = path.read_text()
+    path.write_text(text + '{"config": "kd.yaml", "key": "abc", "metri')  # kill -9 during an append
+    assert ablate.main(['report', '--study', str(spec)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == EXPECTED
+    warnings = [line for line in captured.err.splitlines() if 'WARNING' in line]
+    assert len(warnings) == 1 and f'{path}:25: incomplete last line' in warnings[0], captured.err
+    calls = []
+    monkeypatch.setattr(runner, '_execute', lambda *a: calls.append(a) or _fake_execute(*a))
+    study.run_study(study.load_study(spec), stream=io.StringIO())  # goes on: nothing to train
+    assert calls == [] and path.read_text().endswith('"metri')
+    study.append_record({'key': 'new', 'status': 'ok', 'metrics': {}}, path)  # the next append sets it aside
+    assert path.read_text() == text + json.dumps({'key': 'new', 'metrics': {}, 'status': 'ok'}, sort_keys=True) + '\n'
+    assert path.with_name('toy.jsonl.incomplete').read_text() == '{"config": "kd.yaml", "key": "abc", "metri\n'
+
+
+@pytest.mark.parametrize('damage,message', [
+    (lambda line: line[:40], r':3: not a JSON record \(.*\); only the last line may be incomplete'),
+    (lambda line: json.dumps([json.loads(line)]), r':3: a record must be a JSON object \{\.\.\.\}, got a JSON list'),
+    (lambda line: line.replace('"test_acc1": ', '"test_acc1": NaN, "x": '),
+     r':3: non-finite metrics \(test_acc1: nan\)'),
+    (lambda line: line.replace('"best_val_acc1": ', '"best_val_acc1": Infinity, "x": '),
+     r':3: non-finite metrics \(best_val_acc1: inf\)'),
+])
+def test_a_damaged_line_is_a_one_line_error_naming_file_and_line(studied, capsys, damage, message):
+    spec, path = studied
+    lines = path.read_text().splitlines()
+    lines[2] = damage(lines[2])
+    path.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(study.RecordError, match=re.escape(str(path)) + message):
         study.load_records(path)
+    capsys.readouterr()
+    for argv in (['report', '--study', str(spec)], ['report', '--out', str(path)], ['study', str(spec), '--dry_run']):
+        assert ablate.main(argv) == 1
+        assert re.match(r'error: ' + re.escape(str(path)) + message, _one_error_line(capsys))
+
+
+def test_a_run_with_non_finite_metrics_is_recorded_as_diverged(tmp_path, monkeypatch):
+    def fake_train(argv):
+        metrics = argv[argv.index('--metrics_json') + 1]
+        Path(metrics).write_text(json.dumps({'test': {'acc1': 50.0, 'loss': math.nan}, 'best_val_acc1': 51.0}))
+        return 0, ''
+
+    monkeypatch.setattr(runner, '_train_in_process', fake_train)
+    result = runner._execute('c.yaml', 0, {}, tmp_path, 'cpu', False)
+    assert result == {'status': 'diverged', 'metrics': {}, 'error': 'non-finite metrics: test_loss nan'}
+
+
+def test_a_spec_with_a_yaml_syntax_error_or_shared_seeds_is_a_one_line_error(workspace, capsys):
+    spec = _spec(workspace)
+    text = json.loads(spec.read_text())
+    bad = workspace / 'bad.yaml'
+    bad.write_text('study: toy\nseeds: [0, 1\nselect_seeds: [100]\npairs: {}\n')
+    with pytest.raises(study.StudyError, match=r"bad.yaml:3: not valid YAML: expected ',' or '\]', but got "
+                                               r"':' \(while parsing a flow sequence at line 2\)"):
+        study.load_study(bad)
+    assert ablate.main(['report', '--study', str(bad)]) == 1
+    assert re.match(r'error: .*bad.yaml:3: not valid YAML: ', _one_error_line(capsys))
+    assert ablate.main(['study', str(bad), '--dry_run']) == 1
+    _one_error_line(capsys)
+    shared = dict(text, select_seeds=[100, 1], seeds=[0, 1, 2])
+    bad.write_text(json.dumps(shared))
+    assert ablate.main(['study', str(bad), '--dry_run']) == 1
+    err = _one_error_line(capsys)
+    assert 'pairs.toy: select_seeds [100, 1] and seeds [0, 1, 2] share [1]; selection seeds must be disjoint' in err
+    shared = json.loads(json.dumps(text))
+    shared['pairs']['toy']['seeds'] = [100, 101, 5]  # a pair's own seeds against the top level's selection seeds
+    bad.write_text(json.dumps(shared))
+    with pytest.raises(study.StudyError, match=r'pairs.toy: select_seeds \[100, 101\] and seeds \[100, 101, 5\] '
+                                               r'share \[100, 101\]'):
+        study.load_study(bad)
+
+
+def test_a_run_is_forced_over_what_a_killed_attempt_left(tmp_path, monkeypatch):
+    """A killed run leaves its hash-named checkpoints in the workdir: the next attempt passes --force (in
+    process and as a subprocess); the files are deleted when the run ends."""
+    import subprocess
+    seen = []
+    workdir = tmp_path / 'work'
+    workdir.mkdir()
+
+    def fake_train(argv):
+        seen.append(argv)
+        Path(argv[argv.index('--metrics_json') + 1]).write_text(json.dumps({'test': {'acc1': 50.0}}))
+        return 0, ''
+
+    def fake_run(argv, **kwargs):
+        seen.append(argv[:3])
+        fake_train(argv[3:])
+        return subprocess.CompletedProcess(argv, 0, '', '')
+
+    monkeypatch.setattr(runner, '_train_in_process', fake_train)
+    monkeypatch.setattr(subprocess, 'run', fake_run)
+    stem = runner._execute('c.yaml', 0, {LR: 0.1}, workdir, 'cpu', False) and seen[0][seen[0].index('--dst_ckpt') + 1]
+    Path(stem).write_bytes(b'left by a killed attempt')
+    assert runner._execute('c.yaml', 0, {LR: 0.1}, workdir, 'cpu', True)['status'] == 'ok'
+    assert seen[1] == [sys.executable, '-m', 'opdf_torchdistill.cli.train'] and seen[2] == seen[0]
+    assert '--force' in seen[0] and '--resume' not in seen[0]
+    assert not list(workdir.iterdir())  # the run's files are deleted when it ends
 
 
 def test_study_spec_errors_name_the_key(workspace):
@@ -302,10 +463,17 @@ def test_prepare_resumes_an_interrupted_teacher_instead_of_reusing_its_best_chec
     assert len(calls) == 1 and 'training finished), reused' in capsys.readouterr().out
     last.unlink()  # a teacher given by the user (no .last.pt): reused as it is
     assert study.teacher_state(str(config))[0] == 'done'
+    dst.unlink()
+    torch.save({'epoch': 2}, last)  # killed before its first best checkpoint was renamed into place: resumed
+    assert study.teacher_state(str(config)) == ('resume', str(dst))
+    torch.save({'epoch': 3}, last)  # finished, best checkpoint deleted since: trained, never forced over it
+    assert study.teacher_state(str(config)) == ('missing', str(dst))
+    study.prepare_teachers([str(config)], 'cpu', 1)
+    assert len(calls) == 2 and '--resume' not in calls[1] and '--force' not in calls[1]
+    last.unlink()
 
     monkeypatch.setattr(subprocess, 'run', lambda argv, stdout, stderr: (
         stdout.write('Traceback ...\nRuntimeError: out of memory\n'), subprocess.CompletedProcess(argv, 1))[1])
-    dst.unlink()
     with pytest.raises(study.StudyError, match=r'teacher training failed \(exit status 1\)(.|\n)*out of memory'):
         study.prepare_teachers([str(config)], 'cpu')
 

@@ -185,7 +185,7 @@ def _main(args) -> int:
         raise SystemExit('report: give --study SPEC or --out FILES')
     if args.pairs:
         raise SystemExit('report: --pairs applies to --study reports only')
-    study.report_records([r for path in args.out for r in study.load_records(path)], **_report_args(args))
+    study.report_records(study.load_records(*args.out), **_report_args(args))
     return 0
 
 

@@ -29,8 +29,8 @@ Examples::
     python tools/ablate.py report --out runs/ablation/digits.jsonl --tune train.optimizer.kwargs.lr \\
         --baseline kd --plots runs/ablation
 """
-from .records import (DONE, INPUT_KEYS, RunIdentity, append_record, config_hash, environment, find_stale,
-                      input_hashes, load_records, record_finder, resolved_config, run_identity, run_key,
+from .records import (DONE, INPUT_KEYS, RecordError, RunIdentity, append_record, config_hash, environment,
+                      find_stale, input_hashes, load_records, record_finder, resolved_config, run_identity, run_key,
                       without_stale)
 from .report import format_summary, report_records, report_study, study_tables
 from .runner import Progress, Task, prepare_teachers, run_ablation, run_study, study_plan, teacher_state
@@ -38,7 +38,7 @@ from .selection import select_settings
 from .spec import Arm, Pair, Study, StudyError, load_study, pick_pairs
 from .stats import holm, mean_ci, paired_difference, summarize
 
-__all__ = ['DONE', 'INPUT_KEYS', 'RunIdentity', 'append_record', 'config_hash', 'environment', 'find_stale',
+__all__ = ['DONE', 'INPUT_KEYS', 'RecordError', 'RunIdentity', 'append_record', 'config_hash', 'environment', 'find_stale',
            'input_hashes', 'load_records', 'record_finder', 'resolved_config', 'run_identity', 'run_key',
            'without_stale', 'format_summary', 'report_records', 'report_study', 'study_tables', 'Progress', 'Task',
            'prepare_teachers', 'run_ablation', 'run_study', 'study_plan', 'teacher_state', 'select_settings', 'Arm',

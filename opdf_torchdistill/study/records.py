@@ -7,6 +7,14 @@
 for a study its ``pair`` and ``phase``. :func:`append_record` re-reads the file under a lock and replaces
 it atomically, so concurrent runners lose nothing and the file is always complete.
 
+**A record file is a set of runs, not a log.** One record per key: a second record of a run with the
+same result (status and metrics; timings may differ) is a copy and is dropped; a failed attempt yields
+to the record of its retry; two records of one run with *different* results are an error naming both
+lines (:class:`RecordError`), never "the last one wins". Every line must be a JSON object whose metrics
+are finite numbers (a NaN accuracy is an error naming the line), except the *last* line: an incomplete
+last line (what a process killed while appending leaves) is reported in one warning and set aside
+(moved to ``FILE.incomplete`` by the next append), so a study goes on.
+
 **Record keys.** A run's key hashes its arm name, seed, device, the *resolved* config (the YAML as
 data, anchors expanded, overrides applied, ``dst_ckpt`` left out, tags kept as data, so nothing is
 executed), the versions of opdf-torchdistill, torchdistill and torch, and the SHA-256 of every file
@@ -25,6 +33,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import threading
@@ -38,8 +47,8 @@ from ..io import atomic_write_text
 from ._format import short_overrides
 
 __all__ = ['INPUT_KEYS', 'DONE', 'read_config_data', 'resolved_config', 'canonical', 'config_hash', 'input_hashes',
-           'environment', 'RunIdentity', 'run_identity', 'run_key', 'load_records', 'append_record', 'find_stale',
-           'warn_stale', 'without_stale', 'record_finder']
+           'environment', 'RunIdentity', 'run_identity', 'run_key', 'RecordError', 'load_records', 'append_record',
+           'find_stale', 'warn_stale', 'without_stale', 'record_finder']
 
 INPUT_KEYS = ('src_ckpt', 'teacher_ckpt')  # config keys naming files whose contents a run depends on
 DONE = ('ok', 'diverged')  # statuses that are final (a failed run is retried)
@@ -183,18 +192,124 @@ def run_key(config: str, seed: int, overrides: Mapping[str, Any] | None = None, 
 # ----------------------------------------------------------------------------------------------
 # Record files
 # ----------------------------------------------------------------------------------------------
-def load_records(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
+class RecordError(ValueError):
+    """A record file line that cannot be used, or two records of one run that disagree (the message names
+    the file and the line numbers)."""
+
+
+_TIMING = ('train_seconds',)  # metrics that differ between two trainings of one run without changing its result
+_WARNED: set = set()
+_WARN_LOCK = threading.Lock()
+
+
+def _warn_once(message: str) -> None:
+    """One stderr line per distinct message and process (record files are re-read often during a study)."""
+    with _WARN_LOCK:
+        if message in _WARNED:
+            return
+        _WARNED.add(message)
+    print(f'WARNING: {message}', file=sys.stderr, flush=True)
+
+
+def _result(record: dict) -> str:
+    metrics = {k: v for k, v in (record.get('metrics') or {}).items() if k not in _TIMING}
+    return canonical([record.get('status'), metrics])
+
+
+def _check_record(record: Any, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f'{where}: a record must be a JSON object {{...}}, got a JSON {type(record).__name__}')
+    metrics = record.get('metrics')
+    if metrics is not None and not isinstance(metrics, dict):
+        raise RecordError(f'{where}: metrics must be a JSON object, got {metrics!r}')
+    bad = [f'{k}: {v}' for k, v in (metrics or {}).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise RecordError(f'{where}: non-finite metrics ({", ".join(bad)}); a run with a NaN or infinite result is '
+                          f'"diverged" with no metrics, not "ok": fix or remove this line')
+    return record
+
+
+def _read(path: Path) -> tuple[list[tuple[int, dict]], tuple[int, str] | None]:
+    """``([(line number, record), ...], set_aside)``: ``set_aside`` is ``(number, text)`` of an incomplete
+    last line (what a process killed while appending leaves), which is not a record."""
     if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f'{path}:{number}: not a JSON record ({exc})') from None
-    return records
+        return [], None
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    entries, aside = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == last:
+                aside = (number, line)
+                continue
+            raise RecordError(f'{path}:{number}: not a JSON record ({exc}); only the last line may be incomplete '
+                              f'(an interrupted append), so this file was edited: fix or remove the line') from None
+        entries.append((number, _check_record(record, f'{path}:{number}')))
+    if aside is not None:
+        _warn_once(f'{path}:{aside[0]}: incomplete last line (not a JSON record: a run killed while appending?); '
+                   f'set aside, not read (the next record appended moves it to {_aside_path(path)})')
+    return entries, aside
+
+
+def _aside_path(path: Path) -> Path:
+    return path.with_name(path.name + '.incomplete')
+
+
+def _merge(entries: Iterable[tuple[Path, int, dict]]) -> list[tuple[Path, int, dict]]:
+    """One record per key: a record whose result (status and metrics, timings aside) equals an earlier
+    one's is a copy and dropped; a failed attempt yields to a finished record of the same run (a retry);
+    two finished records of one run with different results are an error naming both lines."""
+    kept: dict[str, int] = {}
+    out: list[tuple[Path, int, dict] | None] = []
+    for path, number, record in entries:
+        key = record.get('key')
+        if key is None:
+            out.append((path, number, record))
+            continue
+        if key not in kept:
+            kept[key] = len(out)
+            out.append((path, number, record))
+            continue
+        first_path, first_number, first = out[kept[key]]
+        if _result(first) == _result(record):
+            continue
+        if record.get('status') == 'failed':
+            continue
+        if first.get('status') == 'failed':
+            out[kept[key]] = None
+            kept[key] = len(out)
+            out.append((path, number, record))
+            continue
+        here = f'line {number}' if path == first_path else f'{path}:{number}'
+        raise RecordError(f'{first_path}:{first_number} and {here}: two records of run {key} '
+                          f'({record.get("name")} seed={record.get("seed")}) with different results '
+                          f'({_describe(first)} vs {_describe(record)}); a record file is a set of runs: remove the '
+                          f'one that is wrong')
+    return [e for e in out if e is not None]
+
+
+def _describe(record: dict) -> str:
+    metrics = record.get('metrics') or {}
+    if record.get('status') != 'ok':
+        return str(record.get('status'))
+    return ', '.join(f'{k} {metrics[k]}' for k in ('test_acc1', 'best_val_acc1') if k in metrics) or 'ok'
+
+
+def load_records(*paths: str | os.PathLike) -> list[dict]:
+    """The records of one or more record files (a missing file holds none), one per run key.
+
+    Raises :class:`RecordError` (naming the file and line) for a line that is not a JSON object, a record
+    with non-finite metrics, or two records of one run that disagree (see :func:`_merge`); an incomplete
+    *last* line is set aside with a warning."""
+    entries = []
+    for path in paths:
+        path = Path(path)
+        entries += [(path, number, record) for number, record in _read(path)[0]]
+    return [record for _, _, record in _merge(entries)]
 
 
 def _save_records(records: Sequence[dict], path: str | os.PathLike) -> None:
@@ -221,15 +336,32 @@ def _locked(path: Path):
 
 
 def append_record(record: dict, path: str | os.PathLike) -> None:
-    """Add one record, replacing an earlier one with the same key (a failed run that was retried).
+    """Add one record: it replaces a failed record of the same run (a retry), and a copy of a record
+    already there changes nothing; a record of a run that is there with another result is refused
+    (:class:`RecordError`), never silently replaced.
 
-    The file is re-read under a lock and replaced atomically, so it is always complete, and
-    concurrent runners appending to it lose nothing.
+    The file is re-read under a lock and replaced atomically, so it is always complete, and concurrent
+    runners appending to it lose nothing. An incomplete last line found there is moved to
+    ``FILE.incomplete`` (appended), so that nothing is lost.
     """
     path = Path(path)
+    _check_record(record, f'{path}: the new record of {record.get("name")} seed={record.get("seed")}')
     with _locked(path):
-        records = [r for r in load_records(path) if r.get('key') != record['key']]
-        records.append(record)
+        entries, aside = _read(path)
+        for number, old in entries:
+            if old.get('key') == record['key'] and old.get('status') != 'failed' and _result(old) != _result(record):
+                raise RecordError(f'{path}:{number}: run {record["key"]} ({record.get("name")} seed='
+                                  f'{record.get("seed")}) is recorded there with another result ({_describe(old)}); '
+                                  f'the new one ({_describe(record)}) is not written: were two runners training it?')
+        copy = any(old.get('key') == record['key'] and _result(old) == _result(record) for _, old in entries)
+        if copy and aside is None:
+            return
+        records = [old for _, old in entries if copy or old.get('key') != record['key']]  # less failed attempts
+        if not copy:
+            records.append(record)
+        if aside is not None:
+            with open(_aside_path(path), 'a') as f:
+                f.write(aside[1] + '\n')
         _save_records(records, path)
 
 

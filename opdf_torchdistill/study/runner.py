@@ -17,7 +17,10 @@ in this process (imported inside the function that does it, so that this package
 command-line layer at import time). Either way the result is read back from ``--metrics_json``, a
 non-zero exit status is a failed (or, when the trainer said so, diverged) run whose last error line is
 recorded, and the same arguments give the same run. Each run writes its checkpoints under the
-workdir with a hash-named stem and deletes them when it ends.
+workdir with a hash-named stem and deletes them when it ends; it passes ``--force``, so that files a
+killed earlier attempt left there are replaced (the trainer refuses to start a fresh run onto an
+existing checkpoint otherwise). A teacher (``prepare``) is never forced: an interrupted one is resumed
+(``--resume``), a finished one reused, and anything else left at its path is the trainer's to refuse.
 """
 from __future__ import annotations
 
@@ -79,8 +82,10 @@ def _execute(config: str, seed: int, overrides: dict, workdir: Path, device: str
     stem = hashlib.sha1(canonical([config, seed, overrides, device]).encode()).hexdigest()[:16]
     ckpt = workdir / f'{stem}.pt'
     metrics_path = workdir / f'{stem}.metrics.json'
+    # -student_only: the teacher's test accuracy is not recorded. --force: the workdir files are this run's
+    # own (hash-named, deleted when it ends); ones left there by a killed attempt are replaced, not refused
     argv = ['--config', config, '--device', device, '--seed', str(seed), '--metrics_json', str(metrics_path),
-            '--dst_ckpt', str(ckpt), '-student_only']  # the teacher's test accuracy is not recorded: skip it
+            '--dst_ckpt', str(ckpt), '-student_only', '--force']
     if threads:
         argv += ['--threads', str(threads)]
     for k, v in overrides.items():
@@ -117,6 +122,9 @@ def _execute(config: str, seed: int, overrides: dict, workdir: Path, device: str
     for extra in ('alignment', 'grad_norms'):  # coverage and first-step gradient norms, when the runner logs them
         if metrics.get(extra) is not None:
             out[extra] = metrics[extra]
+    bad = [f'{k} {v}' for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # a record file refuses non-finite metrics: such a run is diverged, with no metrics
+        return {'status': 'diverged', 'metrics': {}, 'error': f'non-finite metrics: {", ".join(bad)}'}
     return {'status': 'ok', 'error': None, 'metrics': out}
 
 

@@ -12,8 +12,9 @@ grid maps override keys to lists of values, and its points are their cross produ
 optionally ``title``, ``prepare`` (configs trained once first, e.g. the teacher), ``fixed`` (overrides
 of every run), ``select_seeds``, ``seeds`` and ``baseline`` (overriding the top level's).
 
-Paths are relative to the working directory (the repository root). :func:`load_study` checks all of
-this and raises :class:`StudyError` naming the key that is wrong.
+Selection seeds and test seeds must be disjoint in every pair. Paths are relative to the working
+directory (the repository root). :func:`load_study` checks all of this and raises :class:`StudyError`
+naming the file and the key (or, for a YAML syntax error, the line) that is wrong.
 """
 from __future__ import annotations
 
@@ -84,12 +85,26 @@ def _unknown(where: str, given: Mapping, valid: set) -> None:
         raise StudyError(f'{where}: unknown keys {sorted(extra)}; valid keys: {sorted(valid)} (and x-* for anchors)')
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """``FILE:LINE: not valid YAML: what`` (one line) from a PyYAML error."""
+    problem, context = getattr(exc, 'problem', None), getattr(exc, 'context', None)
+    mark, context_mark = getattr(exc, 'problem_mark', None), getattr(exc, 'context_mark', None)
+    where = f'{path}:{(mark or context_mark).line + 1}' if (mark or context_mark) is not None else str(path)
+    what = str(problem or context or type(exc).__name__)
+    if problem and context:
+        what += f' ({context}' + (f' at line {context_mark.line + 1})' if context_mark is not None else ')')
+    return f'{where}: not valid YAML: {" ".join(what.split())}'
+
+
 def load_study(path: str | os.PathLike) -> Study:
     """Read and check a study spec (YAML; paths relative to the working directory, the repository root)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'study spec {path} does not exist')
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyError(_yaml_error(path, exc)) from None
     if not isinstance(spec, dict):
         raise StudyError(f'{path}: a study spec must be a mapping')
     _unknown(str(path), spec, _STUDY_KEYS)
@@ -133,9 +148,15 @@ def load_study(path: str | os.PathLike) -> Study:
             if not Path(config).is_file():
                 raise StudyError(f'{where}.prepare: {config} does not exist')
         fixed = dict(p.get('fixed') or {})
+        pair_select = _seeds(p['select_seeds'], f'{where}.select_seeds') if 'select_seeds' in p else select_seeds
+        pair_seeds = _seeds(p['seeds'], f'{where}.seeds') if 'seeds' in p else seeds
+        overlap = sorted(set(pair_select) & set(pair_seeds))
+        if overlap:
+            raise StudyError(f'{where}: select_seeds {pair_select} and seeds {pair_seeds} share {overlap}; selection '
+                             f'seeds must be disjoint from the test seeds (a seed that chose a setting would also '
+                             f'score it)')
         pairs.append(Pair(str(pair_name), str(p.get('title', pair_name)), Path(p['records']), prepare, fixed, arms,
-                          _seeds(p['select_seeds'], f'{where}.select_seeds') if 'select_seeds' in p else select_seeds,
-                          _seeds(p['seeds'], f'{where}.seeds') if 'seeds' in p else seeds, baseline))
+                          pair_select, pair_seeds, baseline))
     threads = spec.get('threads')
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise StudyError(f'{path}: threads must be a positive integer, got {threads!r}')
