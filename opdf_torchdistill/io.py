@@ -34,7 +34,8 @@ from typing import Any, Callable, IO, Iterable
 import torch
 
 __all__ = ['atomic_write', 'atomic_torch_save', 'atomic_write_text', 'atomic_write_json', 'load_checkpoint',
-           'is_trusted', 'trusted_checkpoints', 'declared_tensor_bytes', 'CheckpointError', 'UnsafeCheckpointError']
+           'is_trusted', 'trusted_checkpoints', 'declared_tensor_bytes', 'checkpoint_size_limit', 'check_state_dict_fits',
+           'CheckpointError', 'UnsafeCheckpointError']
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,36 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         raise CheckpointError(f'{path}: cannot read the checkpoint ({type(exc).__name__}: '
                               f'{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""}); the file is '
                               f'truncated, empty or not a PyTorch checkpoint') from None
+
+
+def checkpoint_size_limit(model: 'torch.nn.Module') -> int:
+    """The most tensor bytes a checkpoint loaded into ``model`` may declare: its parameters and buffers
+    four times over (a training checkpoint also holds optimizer moments) plus 64 MiB of slack."""
+    state = model.state_dict()
+    need = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return 4 * need + 64 * 2 ** 20
+
+
+def _listed(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def check_state_dict_fits(model: 'torch.nn.Module', state: dict, what: str) -> None:
+    """A one-line error naming the missing, unexpected and mis-shaped keys when ``state`` does not fit
+    ``model`` (``load_state_dict`` reports them over many lines, after copying what fits)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in expected
+              if k in state and torch.is_tensor(state[k]) and torch.is_tensor(expected[k])
+              and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = ([f'missing keys {_listed(missing)}'] if missing else []) + \
+                ([f'unexpected keys {_listed(unexpected)}'] if unexpected else []) + \
+                ([f'size mismatch {_listed(shapes, 3)}'] if shapes else [])
+        raise CheckpointError(f'{what} does not fit the {type(model).__name__} the config builds: '
+                              f'{"; ".join(parts)} (a checkpoint of another model or width?)')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None],
             if _same(path, in_path):
                 raise OutputError(f'{role} {path} is also {in_role} ({in_path.resolve()}), which this run reads: '
                                   f'writing it would destroy it; choose another path')
+            if in_path.is_dir() and path.exists() and in_path.resolve() in path.resolve().parents:
+                raise OutputError(f'{role} {path} is a file inside {in_role} ({in_path.resolve()}), which this run '
+                                  f'reads: writing it would destroy it; choose another path')
     roles = list(outs)
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:
@@ -113,9 +116,11 @@ def check_existing_kind(path: str | os.PathLike | None, kind: str, role: str) ->
                       f'overwrite it. Choose another {role}, or pass --force')
 
 
-def config_input_files(config: object, config_path: str | os.PathLike | None = None) -> dict[str, str]:
+def config_input_files(config: object, config_path: str | os.PathLike | None = None,
+                       directories: bool = False) -> dict[str, str]:
     """``{where: path}`` of the files a plain-data config names: values of :data:`INPUT_KEYS`, and any other
-    string that names an existing file. ``dst_ckpt`` values are outputs and are left out."""
+    string that names an existing file (or, with ``directories``, folder: a Hugging Face model folder).
+    ``dst_ckpt`` values are outputs and are left out."""
     found: dict[str, str] = {}
     if config_path is not None:
         found['--config'] = str(config_path)
@@ -132,7 +137,7 @@ def config_input_files(config: object, config_path: str | os.PathLike | None = N
         elif isinstance(node, str) and node and not node.startswith(('http://', 'https://')) and len(node) < 4096:
             path = os.path.expanduser(node)
             try:
-                named = key in INPUT_KEYS or os.path.isfile(path)
+                named = key in INPUT_KEYS or os.path.isfile(path) or (directories and os.path.isdir(path))
             except (OSError, ValueError):
                 return
             if named and '\n' not in node:

@@ -166,10 +166,13 @@ def _select(model: nn.Module, cfg: MPOConfig):
 
 def _plan_one(site: WeightSite, cfg: MPOConfig, override: Mapping[str, Any]) -> MPOPlan:
     max_bond = override.get('max_bond', cfg.max_bond)
-    if 'rows' in override:
-        return planning.explicit_plan(site.matrix_shape, override['rows'], override['cols'], max_bond)
-    return planning.balanced_plan(site.matrix_shape, override.get('num_factors', cfg.num_factors),
-                                  override.get('num_dummy', cfg.effective_num_dummy), max_bond, cfg.factor_order)
+    try:
+        if 'rows' in override:
+            return planning.explicit_plan(site.matrix_shape, override['rows'], override['cols'], max_bond)
+        return planning.balanced_plan(site.matrix_shape, override.get('num_factors', cfg.num_factors),
+                                      override.get('num_dummy', cfg.effective_num_dummy), max_bond, cfg.factor_order)
+    except mpo.MPOError as exc:
+        raise mpo.MPOError(f'{site.name}: {exc}') from None
 
 
 def _plan(selected, cfg: MPOConfig, model_params: int) -> tuple[list[MPOPlan], list[str | None]]:

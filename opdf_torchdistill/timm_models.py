@@ -22,11 +22,11 @@ import os
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 from torchdistill.models.registry import register_model
 
 from . import plugin  # noqa: F401  (registers opdf_student, opdf_probe, the loss)
+from .io import CheckpointError, check_state_dict_fits, checkpoint_size_limit, load_checkpoint
 
 __all__ = ['timm_model', 'load_weights_file']
 
@@ -40,16 +40,16 @@ def load_weights_file(model: nn.Module, path: str, what: str) -> None:
     if full.endswith('.safetensors'):
         from safetensors.torch import load_file
         state = load_file(full)
-    else:
-        state = torch.load(full, map_location='cpu', weights_only=True)
+    else:  # the safe loader: plain data only unless --trust_checkpoint names the file, bounded size
+        state = load_checkpoint(full, max_bytes=checkpoint_size_limit(model))
         for key in ('model', 'state_dict'):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise RuntimeError(f'{what}: {path!r} does not fit {type(model).__name__}: {exc}') from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{what}: {path!r} holds a {type(state).__name__}, not a state dict')
+    check_state_dict_fits(model, state, f'{what}: weights {path!r}')
+    model.load_state_dict(state, strict=True)
 
 
 @register_model(key='timm_model')

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import load_checkpoint
+
 __all__ = ['DigitsCNN', 'digits_cnn', 'FashionCNN', 'fashion_cnn', 'FashionViT', 'fashion_vit',
            'fashion_vit_from_teacher', 'init_vit_from_teacher', 'vit_layer_map', 'VIT_LAYER_MAPS']
 
@@ -257,7 +259,7 @@ def fashion_vit_from_teacher(teacher_ckpt: str, layer_map: str | Sequence[int] =
     if not os.path.isfile(path):
         raise FileNotFoundError(f'fashion_vit_from_teacher: teacher checkpoint {path} does not exist (train the '
                                 f'teacher first, e.g. tools/train.py --config configs/fashion/vit_teacher.yaml)')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(path)  # plain data only, unless --trust_checkpoint names this file
     state = ckpt['model'] if isinstance(ckpt, Mapping) and isinstance(ckpt.get('model'), Mapping) else ckpt
     if not isinstance(state, Mapping):
         raise TypeError(f'fashion_vit_from_teacher: {path} holds {type(state).__name__}, not a state dict')

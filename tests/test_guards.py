@@ -338,3 +338,93 @@ def test_a_yaml_syntax_error_is_one_line_with_its_line(tmp_path, capsys):
     config.write_text('train:\n  num_epochs: [1, 2\nmodels: {}\n')
     status, err = cli(capsys, ['--config', config, '--device', 'cpu', '--dst_ckpt', tmp_path / 'a.pt'])
     assert status == 1 and one_line(err).startswith(f'error: {config}:') and 'not valid YAML' in err
+
+
+# -- the GLUE runner: the same rules ----------------------------------------------------------------
+def _glue_args(*extra):
+    from opdf_torchdistill.cli import glue
+    return glue.get_parser().parse_args(['--config', str(CONFIG), *map(str, extra)])
+
+
+def test_glue_never_saves_the_student_into_the_teacher_folder(tmp_path):
+    from opdf_torchdistill.cli import glue
+    teacher = tmp_path / 'bert-teacher'
+    teacher.mkdir()
+    (teacher / 'model.safetensors').write_bytes(b'weights')
+    plain = {'models': {'teacher_model': {'kwargs': {'pretrained_model_name_or_path': str(teacher)}},
+                        'student_model': {'kwargs': {'pretrained_model_name_or_path': str(teacher)},
+                                          'dst_ckpt': str(teacher)}}}
+    with pytest.raises(OutputError, match='is also the config.s models.teacher_model.kwargs.pretrained_model_name'):
+        glue._guard_outputs(_glue_args(), plain, str(teacher))
+    plain['models']['student_model']['dst_ckpt'] = str(tmp_path / 'student')
+    (tmp_path / 'student').mkdir()
+    (tmp_path / 'student' / 'config.json').write_text('{}')
+    with pytest.raises(OutputError, match='earlier run.s model.*--force'):
+        glue._guard_outputs(_glue_args(), plain, str(tmp_path / 'student'))
+    glue._guard_outputs(_glue_args('--force'), plain, str(tmp_path / 'student'))
+    with pytest.raises(OutputError, match='--run_log'):
+        glue._guard_outputs(_glue_args('--force', '--run_log', teacher / 'model.safetensors'), plain,
+                            str(tmp_path / 'student'))
+    assert (teacher / 'model.safetensors').read_bytes() == b'weights'
+
+
+def test_glue_errors_are_one_line(tmp_path, capsys):
+    from opdf_torchdistill.cli import glue
+    status, err = cli(capsys, ['--config', tmp_path / 'missing.yaml'], glue)
+    assert status == 1 and 'no such config file' in one_line(err)
+
+
+def test_glue_saves_the_student_folder_atomically(tmp_path, monkeypatch):
+    from opdf_torchdistill.cli.glue import save_pretrained_atomic
+
+    class Saver:
+        def __init__(self, files, fail=False):
+            self.files, self.fail = files, fail
+
+        def save_pretrained(self, folder):
+            os.makedirs(folder, exist_ok=True)
+            for name, data in self.files.items():
+                with open(os.path.join(folder, name), 'wb') as f:
+                    f.write(data)
+                os.chmod(os.path.join(folder, name), 0o600)  # as transformers' safetensors writer leaves it
+                if self.fail:
+                    raise OSError(28, 'No space left on device')
+
+    dst = tmp_path / 'student'
+    save_pretrained_atomic(dst, Saver({'model.safetensors': b'v1', 'config.json': b'{}'}))
+    old = os.umask(0o022)
+    try:
+        with pytest.raises(OSError):
+            save_pretrained_atomic(dst, Saver({'model.safetensors': b'v2-partial'}, fail=True))
+        assert (dst / 'model.safetensors').read_bytes() == b'v1'  # the earlier best is whole
+        save_pretrained_atomic(dst, Saver({'model.safetensors': b'v2'}))
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in dst.iterdir()) == ['model.safetensors']
+    assert (dst / 'model.safetensors').read_bytes() == b'v2' and (dst / 'model.safetensors').stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['student']  # no temporary folder left behind
+
+
+def test_teacher_ckpt_and_timm_weights_go_through_the_safe_loader(tmp_path):
+    """A pickled payload as a model factory's ``teacher_ckpt``/``weights``: refused naming the file (it used
+    to be a raw UnpicklingError), loaded when the command line trusts that file."""
+    import argparse
+    from opdf_torchdistill.io import UnsafeCheckpointError, trusted_checkpoints
+    from opdf_torchdistill.zoo import FashionViT, fashion_vit_from_teacher
+    teacher = FashionViT(2, 16, 2, 32, 7, 28, 10, 1)
+    path = tmp_path / 'teacher.pt'
+    torch.save({'model': teacher.state_dict(), 'extra': argparse.Namespace(a=1)}, path)  # not plain data
+    with pytest.raises(UnsafeCheckpointError, match=f'{path}.*--trust_checkpoint'):
+        fashion_vit_from_teacher(str(path), layer_map='first', depth=1, dim=16, heads=2, mlp_dim=32, patch=7)
+    with trusted_checkpoints([str(path)]):
+        student = fashion_vit_from_teacher(str(path), layer_map='first', depth=1, dim=16, heads=2, mlp_dim=32, patch=7)
+    assert torch.equal(student.blocks[0].attn.query.weight, teacher.blocks[0].attn.query.weight)
+    timm = pytest.importorskip('timm')
+    from opdf_torchdistill.timm_models import load_weights_file
+    model = timm.create_model('resnet10t', pretrained=False, num_classes=4)
+    torch.save({'model': model.state_dict(), 'extra': argparse.Namespace(a=1)}, tmp_path / 'w.pt')
+    with pytest.raises(UnsafeCheckpointError, match='w.pt'):
+        load_weights_file(model, str(tmp_path / 'w.pt'), 'timm_model')
+    torch.save({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'wrong.pt')
+    with pytest.raises(CheckpointError, match='timm_model: weights .*wrong.pt.* missing keys'):
+        load_weights_file(model, str(tmp_path / 'wrong.pt'), 'timm_model')

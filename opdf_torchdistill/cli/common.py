@@ -18,7 +18,7 @@ from torchdistill.misc.log import set_basic_log_config, setup_log_file
 from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 
-from ..io import CheckpointError, is_trusted, load_checkpoint
+from ..io import CheckpointError, check_state_dict_fits, checkpoint_size_limit, is_trusted, load_checkpoint
 from .config_guard import UnsafeConfigError, check_config_tags, yaml_error_text
 
 __all__ = ['setup_logging', 'load_config', 'config_snapshot', 'config_differences', 'apply_overrides', 'parse_value',
@@ -259,36 +259,6 @@ def load_model_checkpoint(model: torch.nn.Module, src: str, what: str, trust: It
         check_state_dict_fits(model, ckpt, f'{what} {src}')
     load_full_state_dict(model, ckpt, strict=strict)
     logger.info('%s: loaded %s (weights_only, strict=%s)', what, src, strict)
-
-
-def checkpoint_size_limit(model: torch.nn.Module) -> int:
-    """The most tensor bytes a checkpoint loaded into ``model`` may declare: its parameters and buffers
-    four times over (a training checkpoint also holds optimizer moments) plus 64 MiB of slack."""
-    state = model.state_dict()
-    need = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-    return 4 * need + 64 * 2 ** 20
-
-
-def _listed(keys: Sequence[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
-
-
-def check_state_dict_fits(model: torch.nn.Module, state: dict, what: str) -> None:
-    """A one-line error naming the missing, unexpected and mis-shaped keys when ``state`` does not fit
-    ``model`` (``load_state_dict`` reports them over many lines, after copying what fits)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in expected
-              if k in state and torch.is_tensor(state[k]) and torch.is_tensor(expected[k])
-              and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = ([f'missing keys {_listed(missing)}'] if missing else []) + \
-                ([f'unexpected keys {_listed(unexpected)}'] if unexpected else []) + \
-                ([f'size mismatch {_listed(shapes, 3)}'] if shapes else [])
-        raise CheckpointError(f'{what} does not fit the {type(model).__name__} the config builds: '
-                              f'{"; ".join(parts)} (a checkpoint of another model or width?)')
 
 
 def check_device(device: str) -> torch.device:

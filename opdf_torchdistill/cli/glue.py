@@ -32,12 +32,17 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from ..runfiles import OutputError, RunLock
+from .common import ConfigError, _check_duplicate_keys, check_device, config_snapshot, run_cli
+from .config_guard import check_config_tags
 
 logger = logging.getLogger('opdf_torchdistill.glue')
 
@@ -357,10 +362,42 @@ def train(teacher_model, student_model, dataset_dict, dst_ckpt_dir, task, device
         if best is None or value > best:
             logger.info('Updating ckpt at %s', dst_ckpt_dir)
             best = value
-            student_model.save_pretrained(dst_ckpt_dir)
-            tokenizer.save_pretrained(dst_ckpt_dir)
+            save_pretrained_atomic(dst_ckpt_dir, student_model, tokenizer)
         box.post_epoch_process()
     return {'validation': history, 'first_step': first_step}
+
+
+def save_pretrained_atomic(dst_dir: str | os.PathLike, *savers) -> Path:
+    """``save_pretrained`` of every object into a fresh hidden folder beside ``dst_dir``, files given the
+    umask's permissions (transformers writes some with 0600), then swapped in for ``dst_dir`` with two
+    renames: a kill leaves the old folder (or the new one) complete, never a half-written mix."""
+    import shutil
+    from ..io import _HOST, _umask
+    dst = Path(os.path.expanduser(str(dst_dir)))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f'.{dst.name}.{_HOST}.{os.getpid()}.tmp')
+    old = dst.with_name(f'.{dst.name}.{_HOST}.{os.getpid()}.old')
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        for saver in savers:
+            saver.save_pretrained(tmp)
+        mode = 0o666 & ~_umask()
+        for path in tmp.rglob('*'):
+            if path.is_file():
+                os.chmod(path, mode)
+                with open(path, 'rb') as f:
+                    os.fsync(f.fileno())
+        if dst.exists():
+            os.rename(dst, old)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dst.exists():
+            os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -372,7 +409,36 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     parser.add_argument('-test_only', action='store_true', help='only test the models')
     parser.add_argument('-student_only', action='store_true', help='test the student model only')
+    parser.add_argument('--force', action='store_true',
+                        help='replace an existing student dst_ckpt folder (without it a fresh run onto one is refused)')
+    parser.add_argument('--trust_config', action='store_true',
+                        help='let the config\'s tags import and call any name (configs are code; see opdf-train)')
+    parser.add_argument('--debug', action='store_true', help='on an error, print the traceback too')
     return parser
+
+
+def _guard_outputs(args, plain: Mapping, dst_dir: str) -> None:
+    """The trainer's rules (:mod:`opdf_torchdistill.runfiles`) for the GLUE runner: the student folder and
+    the log are neither the config nor any file or folder the config reads (a teacher folder reused as
+    the student's base must not become the output), and an existing student folder is not replaced
+    without ``--force``."""
+    from ..runfiles import check_existing_kind, check_outputs, config_input_files, refuse_existing
+    inputs = {f'the config\'s {k}' if k != '--config' else k: v
+              for k, v in config_input_files(plain, args.config, directories=True).items()}
+    outputs = {'--run_log': args.run_log}
+    if not args.test_only:
+        outputs['the student dst_ckpt folder'] = dst_dir
+        for role, path in inputs.items():
+            if Path(os.path.expanduser(str(path))).resolve() == Path(dst_dir).resolve():
+                raise OutputError(f'the student dst_ckpt folder {dst_dir} is also {role}, which this run reads: '
+                                  f'saving the student there would destroy it; choose another dst_ckpt')
+        if Path(dst_dir).is_dir() and any(Path(dst_dir).iterdir()) and not args.force:
+            refuse_existing({'the student dst_ckpt folder': dst_dir},
+                            'it holds an earlier run\'s model, which a fresh run would replace: pass --force, or '
+                            'choose another dst_ckpt')
+    check_outputs({k: v for k, v in outputs.items() if k != 'the student dst_ckpt folder'}, inputs)
+    if not args.force:
+        check_existing_kind(args.run_log, 'text', '--run_log')
 
 
 def run(args: argparse.Namespace, config: dict | None = None) -> dict:
@@ -384,8 +450,15 @@ def run(args: argparse.Namespace, config: dict | None = None) -> dict:
     from torchdistill.datasets.registry import register_collate_func
     from transformers import DataCollatorWithPadding
     set_seed(args.seed)
+    check_device(args.device)
     if config is None:
-        config = yaml_util.load_yaml_file(os.path.expanduser(args.config))
+        path = os.path.expanduser(args.config)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{path}: no such config file')
+        _check_duplicate_keys(path)
+        if not args.trust_config:
+            check_config_tags(path)
+        config = yaml_util.load_yaml_file(path)
     _import_dependencies(config.get('dependencies'))
     import opdf_torchdistill.hf  # noqa: F401  (the example's custom registrations, opdf_hf_student)
     device = torch.device(args.device)
@@ -428,17 +501,33 @@ def run(args: argparse.Namespace, config: dict | None = None) -> dict:
 
 
 def main(argv=None) -> int:
+    """Command-line entry point: 0 on success, 1 with one ``error:`` line (``--debug``: the traceback)."""
     from torchdistill.misc.log import set_basic_log_config, setup_log_file
     args = get_parser().parse_args(argv)
     set_basic_log_config()
     logging.getLogger('opdf_torchdistill').setLevel(logging.INFO)
-    if args.run_log:
-        setup_log_file(os.path.expanduser(args.run_log))
-    logger.info(args)
-    start = time.time()
-    result = run(args)
-    logger.info('done in %.1f s; student test %s', time.time() - start, result['student'])
-    return 0
+
+    def body() -> None:
+        plain = config_snapshot(args.config)
+        models = plain.get('models') or {}
+        student = models.get('student_model') or models.get('model') or {}
+        if 'dst_ckpt' not in student:
+            raise ConfigError('models.student_model.dst_ckpt is required (the folder the best student is saved to)')
+        dst_dir = os.path.expanduser(str(student['dst_ckpt']))
+        _guard_outputs(args, plain, dst_dir)  # before the log is opened or anything is read
+        lock = None if args.test_only else RunLock(dst_dir, sys.argv).acquire()
+        try:
+            if args.run_log:
+                setup_log_file(os.path.expanduser(args.run_log))
+            logger.info(args)
+            start = time.time()
+            result = run(args)
+            logger.info('done in %.1f s; student test %s', time.time() - start, result['student'])
+        finally:
+            if lock is not None:
+                lock.release()
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == '__main__':  # pragma: no cover

@@ -39,6 +39,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='torch seed for model init and data order')
     p.add_argument('--device', default='cpu')
     p.add_argument('--json', help='write the measurement here')
+    p.add_argument('--trust_config', action='store_true',
+                   help='let the config\'s tags import and call any name (configs are code; see opdf-train)')
+    p.add_argument('--debug', action='store_true', help='on an error, print the traceback too')
     return p
 
 
@@ -51,8 +54,9 @@ def measure(config: dict, device: torch.device, seed: int = 0) -> dict:
     teacher_config = config['models'].get('teacher_model')
     if teacher_config is None:
         raise ValueError('the config has no models.teacher_model: gradient norms compare distillation terms')
-    teacher = build_model(teacher_config, device, False)
-    student = build_model(student_config_of(config), device, False)
+    teacher = build_model(teacher_config, device, False, name='teacher_model')
+    student = build_model(student_config_of(config), device, False,
+                          name='student_model' if 'student_model' in config['models'] else 'model')
     box = get_distillation_box(teacher, student, config['datasets'], config['train'], device, None, False, 1)
     box.pre_epoch_process(epoch=0)
     if not box.teacher_updatable:
@@ -65,22 +69,26 @@ def measure(config: dict, device: torch.device, seed: int = 0) -> dict:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    from .common import apply_overrides, load_config, setup_logging
+    from .common import apply_overrides, check_device, load_config, run_cli, setup_logging
     from .miniature import load_miniature
     setup_logging()
-    try:
+    measured: dict = {}
+
+    def body() -> None:
         if args.miniature:
             batch_size = args.batch_size or 4
             config = load_miniature(args.config, size=max(8, batch_size), batch_size=batch_size)
             apply_overrides(config, args.overrides)
         else:
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, args.overrides, trust_config=args.trust_config)
             if args.batch_size:
                 config['train']['train_data_loader']['kwargs']['batch_size'] = args.batch_size
-        result = measure(config, torch.device(args.device), args.seed)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
+        measured.update(measure(config, check_device(args.device), args.seed))
+
+    status = run_cli(body, args.debug)
+    if status != 0:
+        return status
+    result = measured
     result.update({'config': args.config, 'overrides': args.overrides, 'miniature': args.miniature, 'seed': args.seed})
     print(json.dumps({k: result[k] for k in ('grad_norms', 'cores', 'num_cores', 'alignment') if k in result}, indent=1))
     if args.json:
