@@ -60,12 +60,91 @@ def test_record_key_follows_the_resolved_config(workspace):
     (workspace / 'teacher.pt').write_bytes(b'teacher weights v2')  # a retrained teacher
     assert study.run_key(config, 0) != edited
     identity = study.run_identity(config, 0)
-    assert identity.inputs == {str(workspace / 'teacher.pt'): study_records._file_sha.__wrapped__(
-        str(workspace / 'teacher.pt'), ())} and set(identity.versions) == {'opdf_torchdistill', 'torchdistill', 'torch'}
+    assert identity.inputs == {str(workspace / 'teacher.pt'): 'file:' + study_records._file_sha.__wrapped__(
+        str(workspace / 'teacher.pt'), ())}  # not a checkpoint: its bytes are the input
+    assert set(identity.versions) == {'opdf_torchdistill', 'torchdistill', 'torch'}
     with pytest.raises(FileNotFoundError, match='nope.yaml does not exist'):
         study.run_key(str(workspace / 'nope.yaml'), 0)
     with pytest.raises(ValueError, match="no key 'lrr'"):
         study.run_key(config, 0, {'train.optimizer.kwargs.lrr': 0.1})
+
+
+
+class _NotPlainData:  # pickled by reference: a checkpoint holding it is not plain tensor data
+    pass
+
+
+def _teacher_state():
+    import torch
+    torch.manual_seed(0)
+    return {'conv.weight': torch.randn(4, 3, 3, 3), 'bn.num_batches_tracked': torch.tensor(7),
+            'head.bias': torch.zeros(5, dtype=torch.bfloat16), 'mask': torch.tensor([True, False])}
+
+
+def test_teacher_checkpoints_are_hashed_by_tensor_contents_not_file_bytes(tmp_path):
+    """``torch.save`` writes a random serialization id: the same teacher saved twice is two different files
+    but one content hash; any changed tensor, dtype or shape changes it."""
+    import torch
+    state = _teacher_state()
+    a, b, bare = tmp_path / 'a.pt', tmp_path / 'b.pt', tmp_path / 'bare.pt'
+    torch.save({'model': state, 'best_value': 90.0, 'args': {'dst_ckpt': str(a)}}, a)
+    torch.save({'model': state, 'best_value': 91.0, 'args': {'dst_ckpt': str(b)}}, b)
+    torch.save(state, bare)
+
+    def content(path):
+        return study_records._content_hash.__wrapped__(str(path), ())
+
+    def file_sha(path):
+        return study_records._file_sha.__wrapped__(str(path), ())
+
+    assert file_sha(a) != file_sha(b) and file_sha(a) != file_sha(bare)
+    assert content(a) == content(b) == content(bare) and content(a).startswith('tensors:')
+    for change in (lambda s: s['conv.weight'].view(-1)[5].add_(1e-6), lambda s: s.update(mask=s['mask'].flip(0)),
+                   lambda s: s.update({'head.bias': s['head.bias'].float()}),
+                   lambda s: s.update({'conv.weight': s['conv.weight'].reshape(4, 27)}),
+                   lambda s: s.update({'extra': torch.zeros(1)})):
+        changed = _teacher_state()
+        change(changed)
+        torch.save({'model': changed}, b)
+        assert content(b) != content(a)
+    (tmp_path / 'x.pt').write_bytes(b'not a checkpoint')
+    assert content(tmp_path / 'x.pt') == 'file:' + file_sha(tmp_path / 'x.pt')
+    torch.save({'model': state, 'obj': _NotPlainData()}, b)  # never unpickled: hashed as bytes
+    assert content(b) == 'file:' + file_sha(b)
+
+
+def test_run_keys_survive_a_retrained_teacher_and_a_version_bump_and_older_records_stay_usable(workspace,
+                                                                                               monkeypatch):
+    import torch
+    teacher, config = workspace / 'teacher.pt', str(workspace / 'kd.yaml')
+    torch.save({'model': _teacher_state()}, teacher)
+    first = study.run_identity(config, 0)
+    assert first.inputs == {str(teacher): study_records._content_hash.__wrapped__(str(teacher), ())}
+    # a record written before content hashing: its key hashed the versions and the teacher file's SHA-256
+    old_inputs = {str(teacher): study_records._file_sha.__wrapped__(str(teacher), ())}
+    old_key = study_records._sha16(study_records.canonical({
+        'name': 'kd', 'config_hash': first.config_hash, 'seed': 0, 'device': 'cpu', 'versions': first.versions,
+        'inputs': old_inputs}))
+    older = {'key': old_key, 'config': config, 'name': 'kd', 'seed': 0, 'overrides': {}, 'device': 'cpu',
+             'config_hash': first.config_hash, 'versions': first.versions, 'inputs': old_inputs, 'status': 'ok',
+             'metrics': {'test_acc1': 80.0, 'best_val_acc1': 81.0}}
+    assert study.record_finder([older], 'key')('kd', {}, 0, first) is older  # the same teacher file: reused
+    assert not any(study.find_stale([older]).values())
+    assert study.record_finder([older], 'key')('kd', {}, 1, study.run_identity(config, 1)) is None
+
+    torch.save({'model': _teacher_state(), 'best_value': 1.0}, teacher)  # retrained, identical weights
+    again = study.run_identity(config, 0)
+    assert again.key == first.key and again.inputs == first.inputs  # a fresh machine reuses every record
+    assert study.record_finder([older], 'key')('kd', {}, 0, again) is None  # older record: its file is gone
+    assert [r['key'] for r in study.find_stale([older])['other_inputs']] == [old_key]
+    monkeypatch.setattr(study_records, 'environment', lambda: {'opdf_torchdistill': '0.2.0', 'torchdistill': '1.1.5',
+                                                               'torch': '9.9'})
+    bumped = study.run_identity(config, 0)
+    assert bumped.key == first.key and bumped.versions['opdf_torchdistill'] == '0.2.0'  # versions: stored, not keyed
+    state = _teacher_state()
+    state['conv.weight'][0, 0, 0, 0] += 1.0
+    torch.save({'model': state}, teacher)
+    assert study.run_identity(config, 0).key != first.key  # a teacher with other weights: trained again
 
 
 def _fake_execute(config, seed, overrides, workdir, device, isolate, threads=None):

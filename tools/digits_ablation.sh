@@ -2,8 +2,9 @@
 # The digits ablation behind the README's tables and plots (about 40 minutes on 2 CPU cores with one run
 # at a time; the parts are independent and can run in parallel shells).
 # Resumable: re-running skips every run already recorded in $OUT/*.jsonl (record keys hash the resolved
-# configs and versions: a config edit makes the affected runs train again, and `report` leaves the old
-# records out, saying so). The first release's records and tables are in docs/results/v0.1/.
+# configs and the teacher's tensors, not package versions: a config edit makes the affected runs train
+# again, and `report` leaves the old records out, saying so; see opdf_torchdistill/study/records.py).
+# The first release's records and tables are in docs/results/v0.1/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="0 1 2 3 4 5 6 7 8 9"

@@ -15,12 +15,29 @@ are finite numbers (a NaN accuracy is an error naming the line), except the *las
 last line (what a process killed while appending leaves) is reported in one warning and set aside
 (moved to ``FILE.incomplete`` by the next append), so a study goes on.
 
-**Record keys.** A run's key hashes its arm name, seed, device, the *resolved* config (the YAML as
-data, anchors expanded, overrides applied, ``dst_ckpt`` left out, tags kept as data, so nothing is
-executed), the versions of opdf-torchdistill, torchdistill and torch, and the SHA-256 of every file
-the config names as ``src_ckpt`` or ``teacher_ckpt`` (the teacher). Editing a config, upgrading, or
-retraining a teacher therefore changes the key, and the run is trained again instead of silently
-reusing a stale record.
+**Record keys (provenance).** A run's key is the SHA-256 (first 16 hex digits) of exactly what decides
+its result:
+
+* its ``name`` (the arm or config stem), ``seed`` and ``device``;
+* its ``config_hash``: the *resolved* config (the YAML as data, anchors expanded, overrides applied,
+  ``dst_ckpt`` left out, tags kept as data, so nothing is executed);
+* its ``inputs``: for every file the config names as ``src_ckpt`` or ``teacher_ckpt`` (the teacher), a
+  hash of the checkpoint's *tensor contents*, ``tensors:<hash>``: the state dict (``ckpt['model']``
+  when there is one, else the whole object), keys sorted, each tensor's dtype, shape and raw bytes,
+  other values as canonical JSON. ``torch.save`` writes a random serialization id into every file,
+  so an identically retrained teacher is a different *file* but the same *teacher*: hashing the
+  contents lets a fresh machine that retrains it reuse every record. A file that is not a plain
+  checkpoint (or cannot be read as one) is hashed as bytes, ``file:<sha256>``; ``missing`` when absent.
+
+Editing a config or retraining a teacher into different weights changes the key, and the run is
+trained again instead of silently reusing a stale record. Package versions (opdf-torchdistill,
+torchdistill, torch) are *not* in the key, so that a version bump does not orphan every record; they
+are stored in every record as ``versions``, and ``report`` lists the records made with other versions.
+
+Records made before this rule (keys that also hashed the versions, inputs as a bare file SHA-256) stay
+usable: such a record is reused for a run with the same name, seed, device and config hash whose
+input files are byte for byte the ones it recorded (:func:`record_finder`); reports never depend on
+keys (they match records by config hash).
 
 **Stale records.** ``report`` recomputes the config hash of every record and leaves out (and lists on
 stderr) records whose config has changed since (:func:`find_stale`); version or teacher differences are
@@ -140,22 +157,73 @@ def _file_sha(path: str, stamp: tuple) -> str:
     return digest.hexdigest()[:16]
 
 
+def _digest(obj: Any, digest: Any) -> None:
+    """Feed ``obj`` to ``digest``: mappings by sorted key, sequences in order, tensors as dtype, shape and
+    raw bytes, anything else as canonical JSON."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to('cpu').contiguous()
+        digest.update(canonical(['tensor', str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        digest.update(b'{')
+        for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            digest.update(canonical([type(key).__name__, str(key)]).encode())
+            _digest(obj[key], digest)
+        digest.update(b'}')
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b'[')
+        for value in obj:
+            _digest(value, digest)
+        digest.update(b']')
+    else:
+        digest.update(canonical(obj).encode())
+
+
+@functools.lru_cache(maxsize=None)
+def _content_hash(path: str, stamp: tuple) -> str:
+    """``tensors:<hash>`` of a checkpoint's state dict, or ``file:<sha256>`` of a file that is not a plain
+    checkpoint (see the module docstring). Cached per (path, size, mtime)."""
+    from ..io import load_checkpoint
+    try:
+        ckpt = load_checkpoint(path, trusted=False)  # weights_only: nothing in the file is executed
+        state = ckpt['model'] if isinstance(ckpt, Mapping) and 'model' in ckpt else ckpt
+        digest = hashlib.sha256()
+        _digest(state, digest)
+        return 'tensors:' + digest.hexdigest()[:16]
+    except Exception:  # noqa: BLE001 - not a plain checkpoint (or an unusual tensor): its bytes are the input
+        return 'file:' + _file_sha(path, stamp)
+
+
+def _stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def input_hashes(resolved: dict) -> dict[str, str]:
-    """``{path: sha256[:16] or 'missing'}`` of the files a resolved config reads (teacher checkpoints)."""
+    """``{path: 'tensors:<hash>' | 'file:<sha256>' | 'missing'}`` of the files a resolved config reads
+    (teacher checkpoints; see the module docstring)."""
     out = {}
     for raw in sorted(set(_input_paths(resolved, []))):
         path = os.path.expanduser(raw)
-        if os.path.isfile(path):
-            st = os.stat(path)
-            out[raw] = _file_sha(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
-        else:
-            out[raw] = 'missing'
+        out[raw] = _content_hash(os.path.abspath(path), _stamp(path)) if os.path.isfile(path) else 'missing'
     return out
+
+
+def _input_matches(recorded: Any, raw: str, current: str | None) -> bool:
+    """Whether a recorded input hash names the file at ``raw`` now (``current``: its hash today). A bare
+    hex value is a record from before content hashing: the file SHA-256 it names must match the file's."""
+    if recorded == current:
+        return True
+    if not isinstance(recorded, str) or ':' in recorded or recorded == 'missing' or current in (None, 'missing'):
+        return False
+    path = os.path.expanduser(raw)
+    return os.path.isfile(path) and recorded == _file_sha(os.path.abspath(path), _stamp(path))
 
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict[str, str]:
-    """Versions that enter every record key."""
+    """Versions stored in every record (not part of its key; ``report`` lists records made with others)."""
     import torch
     import torchdistill
     from .. import __version__
@@ -170,6 +238,19 @@ class RunIdentity:
     config_hash: str
     versions: dict = field(hash=False)
     inputs: dict = field(hash=False)
+    seed: int | None = None
+    device: str | None = None
+
+
+def _key(name: str, chash: str, seed: Any, device: Any, inputs: Mapping[str, Any]) -> str:
+    return _sha16(canonical({'name': name, 'config_hash': chash, 'seed': seed, 'device': device,
+                             'inputs': dict(inputs)}))
+
+
+def _record_key_is_current(record: dict) -> bool:
+    """Whether a record's key was computed by today's rule (else it is a record from before content hashing)."""
+    return record.get('key') == _key(record.get('name'), record.get('config_hash'), record.get('seed'),
+                                     record.get('device'), record.get('inputs') or {})
 
 
 def run_identity(config: str, seed: int, overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
@@ -178,10 +259,9 @@ def run_identity(config: str, seed: int, overrides: Mapping[str, Any] | None = N
     resolved = resolved_config(config, overrides)
     chash = _sha16(canonical(resolved))
     name = Path(config).stem if name is None else name
-    versions, inputs = environment(), input_hashes(resolved)
-    blob = canonical({'name': name, 'config_hash': chash, 'seed': seed, 'device': device, 'versions': versions,
-                      'inputs': inputs})
-    return RunIdentity(_sha16(blob), name, chash, dict(versions), inputs)
+    inputs = input_hashes(resolved)
+    return RunIdentity(_key(name, chash, seed, device, inputs), name, chash, dict(environment()), inputs, seed,
+                       device)
 
 
 def run_key(config: str, seed: int, overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
@@ -366,21 +446,35 @@ def append_record(record: dict, path: str | os.PathLike) -> None:
 
 
 def record_finder(records: Sequence[dict], by: str) -> Callable[[str, dict, int, Any], dict | None]:
-    """``find(name, overrides, seed, ident)``: the last finished record of that run; ``by='key'`` matches
-    the full key (``ident`` a RunIdentity), ``by='hash'`` the config hash (``ident`` the hash)."""
+    """``find(name, overrides, seed, ident)``: the finished record of that run, or ``None``.
+
+    ``by='key'`` matches the run key (``ident`` a :class:`RunIdentity`); a record whose key was computed
+    by the rule before content hashing matches when its name, seed, device and config hash are the
+    run's and its recorded input files are byte for byte today's. ``by='hash'`` matches the config hash
+    (``ident`` the hash), as reports do."""
     index: dict[tuple, dict] = {}
+    older: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get('status') not in DONE or 'config_hash' not in r:
             continue
-        if by == 'key':
+        if by != 'key':
+            index[(r['name'], r['seed'], r['config_hash'], canonical(r.get('overrides') or {}))] = r
+        elif _record_key_is_current(r):
             index[('key', r['key'])] = r
         else:
-            index[(r['name'], r['seed'], r['config_hash'], canonical(r.get('overrides') or {}))] = r
+            older.setdefault((r.get('name'), r.get('seed'), r.get('device'), r['config_hash']), []).append(r)
 
     def find(name: str, overrides: dict, seed: int, ident: Any) -> dict | None:
-        if by == 'key':
-            return index.get(('key', ident.key))
-        return index.get((name, seed, ident, canonical(overrides)))
+        if by != 'key':
+            return index.get((name, seed, ident, canonical(overrides)))
+        found = index.get(('key', ident.key))
+        if found is None:
+            for r in older.get((ident.name, seed, ident.device, ident.config_hash), ()):
+                recorded = r.get('inputs') or {}
+                if set(recorded) == set(ident.inputs) and all(
+                        _input_matches(v, p, ident.inputs[p]) for p, v in recorded.items()):
+                    return r
+        return found
     return find
 
 
@@ -418,7 +512,8 @@ def find_stale(records: Iterable[dict]) -> dict[str, list[dict]]:
             continue
         if r.get('versions') != environment():
             out['other_env'].append(r)
-        if any(inputs.get(p) not in (None, 'missing', sha) for p, sha in (r.get('inputs') or {}).items()):
+        if any(inputs.get(p) not in (None, 'missing') and not _input_matches(recorded, p, inputs.get(p))
+               for p, recorded in (r.get('inputs') or {}).items()):
             out['other_inputs'].append(r)
     return out
 

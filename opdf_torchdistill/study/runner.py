@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._format import short_overrides
-from .records import (DONE, RunIdentity, append_record, canonical, load_records, read_config_data, record_finder,
-                      run_identity)
+from .records import RunIdentity, append_record, canonical, load_records, read_config_data, record_finder, run_identity
 from .selection import select_settings
 from .spec import Arm, Pair, Study, StudyError, pick_pairs
 
@@ -238,13 +237,13 @@ def run_ablation(configs: Sequence[str], seeds: Sequence[int], grid: Sequence[di
                  workdir: str | None = None) -> list[dict]:
     """Train every (config, grid point, seed) that ``out`` holds no finished record of; returns all records."""
     records = load_records(out)
-    done = {r['key'] for r in records if r.get('status') in DONE}
+    find = record_finder(records, 'key')
     legacy = sum(1 for r in records if 'config_hash' not in r)
     plan = []
     for c, g, s in itertools.product(configs, grid, seeds):
         overrides = {**fixed, **g}
         plan.append(Task(c, s, overrides, run_identity(c, s, overrides, device), Path(out)))
-    todo = [t for t in plan if t.identity.key not in done]
+    todo = [t for t in plan if find(t.identity.name, t.overrides, t.seed, t.identity) is None]
     print(f'{len(plan)} runs planned, {len(plan) - len(todo)} already recorded in {out}, {len(todo)} to go'
           + (f' ({legacy} older records without a config hash are not reused)' if legacy else ''), flush=True)
     progress = Progress(len(plan), len(plan) - len(todo), _times_by_name(records), jobs=jobs)
