@@ -231,3 +231,31 @@ def test_opdf_optimizer_puts_cores_in_their_own_group():
     assert sorted({g['lr'] for g in opt.param_groups}) == [0.2, 0.4]
     with pytest.raises(ValueError, match='unknown base optimizer'):
         get_optimizer(torch.nn.ModuleList([student]), 'OPDFOptimizer', lr=0.1, base='Sgd')
+
+
+def test_the_optimizer_control_gives_dense_weights_their_cores_rates():
+    """kd_split: a dense student whose would-be-MPO weights train at the rate their cores get in the MPO
+    arm (and everything else at lr), so kd_mpo vs kd_split isolates over-parameterization."""
+    from torchdistill.optim.registry import get_optimizer
+    torch.manual_seed(0)
+    dense = get_model('resnet20', num_classes=10)
+    mpo_student = get_model('opdf_student', base='resnet20', num_classes=10, mpo={'num_dummy': 1})
+    opt = get_optimizer(torch.nn.ModuleList([dense]), 'OPDFOptimizer', filters_params=False, lr=0.4, base='SGD',
+                        as_if_mpo={'num_dummy': 1})
+    slow = {n for n, p in dense.named_parameters() for g in opt.param_groups if g['lr'] == 0.1
+            and any(p is q for q in g['params'])}
+    cores_of = {n for n, _, _, _ in mpo_modules(mpo_student)}
+    assert slow == {f'{n}.weight' for n in cores_of} and len(slow) == 22
+    assert sorted({g['lr'] for g in opt.param_groups}) == [0.1, 0.4]
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(dense.parameters()))
+    with pytest.raises(ValueError, match='filters_params: False'):
+        get_optimizer(torch.nn.ModuleList([dense]), 'OPDFOptimizer', lr=0.4, base='SGD', as_if_mpo={'num_dummy': 1})
+    with pytest.raises(ValueError, match='without align_to'):
+        get_optimizer(torch.nn.ModuleList([dense]), 'OPDFOptimizer', filters_params=False, lr=0.4, base='SGD',
+                      as_if_mpo={'num_dummy': 1, 'align_to': {'key': 'resnet32'}})
+    with pytest.raises(ValueError, match='already has MPO cores'):
+        get_optimizer(torch.nn.ModuleList([mpo_student]), 'OPDFOptimizer', filters_params=False, lr=0.4, base='SGD',
+                      as_if_mpo={'num_dummy': 1})
+    with pytest.raises(ValueError, match='unknown MPO option'):
+        get_optimizer(torch.nn.ModuleList([dense]), 'OPDFOptimizer', filters_params=False, lr=0.4, base='SGD',
+                      as_if_mpo={'num_dumy': 1})
