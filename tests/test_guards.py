@@ -428,3 +428,15 @@ def test_teacher_ckpt_and_timm_weights_go_through_the_safe_loader(tmp_path):
     torch.save({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'wrong.pt')
     with pytest.raises(CheckpointError, match='timm_model: weights .*wrong.pt.* missing keys'):
         load_weights_file(model, str(tmp_path / 'wrong.pt'), 'timm_model')
+
+
+def test_an_unreachable_url_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    status, err = cli(capsys, base_argv(tmp_path / 's.pt', '--set',
+                                        '+models.teacher_model.src_ckpt=http://example.invalid/t.pt'))
+    line = one_line(err)
+    assert status == 1 and 'models.teacher_model.src_ckpt: cannot load http://example.invalid/t.pt: URLError' in line

@@ -241,8 +241,10 @@ def load_model_checkpoint(model: torch.nn.Module, src: str, what: str, trust: It
         try:
             ckpt = torch.hub.load_state_dict_from_url(src, map_location='cpu', progress=True, weights_only=not trusted)
         except Exception as exc:  # noqa: BLE001 - re-raised with the key and the URL
-            raise RuntimeError(f'{what}: cannot load {src}: {exc} (if the file is not plain tensor data and you '
-                               f'trust it, pass --trust_checkpoint {src})') from None
+            reason = ' '.join(str(exc).split()) or type(exc).__name__
+            raise CheckpointError(f'{what}: cannot load {src}: {type(exc).__name__}: {reason[:300]} (offline? '
+                                  f'download the file and give its path; if it is not plain tensor data and you '
+                                  f'trust it, pass --trust_checkpoint {src})') from None
     else:
         path = os.path.expanduser(src)
         if not os.path.isfile(path):
