@@ -581,3 +581,434 @@ def test_the_study_package_does_not_import_the_command_line_layer():
     assert not eager, eager
     for dst in ('runs/teacher.pt', '~/t/x.pth', 'a.b/c'):
         assert runner._last_ckpt_path(dst) == last_ckpt_path(dst)
+
+
+# -- pre-registered protocol (issue 19): mean over selection seeds, edge rule, inherit, contrasts ------
+def _select_spec(workspace, arms, edge_rule=None, contrasts=None, select_seeds=(100, 101), seeds=(0, 1, 2)):
+    """A one-pair spec over the workspace's configs (``arms``: name -> arm spec, config = NAME.yaml)."""
+    for name in arms:
+        if not (workspace / f'{name}.yaml').exists():
+            (workspace / f'{name}.yaml').write_text(CONFIG.format(teacher=workspace / 'teacher.pt', name=name))
+    pair = {'title': 'Protocol pair', 'records': str(workspace / 'protocol.jsonl'),
+            'arms': {name: {'config': str(workspace / f'{name}.yaml'), **arm} for name, arm in arms.items()}}
+    if contrasts is not None:
+        pair['contrasts'] = contrasts
+    spec = {'study': 'protocol', 'workdir': str(workspace / 'work'), 'select_seeds': list(select_seeds),
+            'seeds': list(seeds), 'labels': {LR: 'lr', LAMBDA: 'lambda'}, 'pairs': {'p': pair}}
+    if edge_rule is not None:
+        spec['edge_rule'] = edge_rule
+    path = workspace / 'protocol.yaml'
+    path.write_text(json.dumps(spec))
+    return study.load_study(path)
+
+
+def _finder(score):
+    """A ``find`` over synthetic records: ``score(arm, overrides, seed)`` -> validation accuracy, 'diverged',
+    or None (no record)."""
+    def find(name, overrides, seed, ident):
+        value = score(name, overrides, seed)
+        if value is None:
+            return None
+        if value == 'diverged':
+            return {'status': 'diverged', 'metrics': {}}
+        return {'status': 'ok', 'metrics': {'best_val_acc1': value}}
+    return find
+
+
+def _select(spec, score):
+    return study.select_settings(spec.pairs[0], _finder(score), lambda arm, overrides, seed: None)
+
+
+def test_selection_scores_a_point_by_its_mean_over_all_selection_seeds(workspace):
+    spec = _select_spec(workspace, {'kd': {'grid': {LR: [0.05, 0.1, 0.2]}},
+                                    'opdf': {'grid': {LR: [0.05, 0.1, 0.2]}}})
+    by_seed = {100: {0.05: 90.0, 0.1: 80.0, 0.2: 84.0}, 101: {0.05: 70.0, 0.1: 85.0, 0.2: 81.0}}
+
+    def score(name, overrides, seed):
+        if name == 'opdf' and overrides[LR] == 0.1 and seed == 101:
+            return 'diverged'  # the best mean of opdf, had it finished
+        return by_seed[seed][overrides[LR]] + (10.0 if name == 'opdf' and overrides[LR] == 0.1 else 0.0)
+
+    sel = _select(spec, score)
+    # means 80.0, 82.5, 82.5: not seed 100's winner (0.05); the tie goes to the first in grid order
+    assert [e['val'] for e in sel['kd']['points']] == [80.0, 82.5, 82.5]
+    assert sel['kd']['selected'] == {LR: 0.1} and sel['kd']['state'] == 'selected' and sel['kd']['budget'] == 3
+    assert sel['opdf']['selected'] == {LR: 0.2} and math.isnan(sel['opdf']['points'][1]['val'])
+    # one seed missing anywhere: nothing is selected yet
+    sel = _select(spec, lambda name, overrides, seed: None if (name, overrides[LR], seed) == ('kd', 0.2, 101)
+                  else score(name, overrides, seed))
+    assert sel['kd']['selected'] is None and sel['kd']['state'] == 'selecting' and sel['opdf']['selected'] == {LR: 0.2}
+    # every point with a diverged seed: nothing is ever selected
+    sel = _select(spec, lambda name, overrides, seed: 'diverged' if seed == 101 else 80.0)
+    assert sel['kd']['selected'] is None and sel['kd']['state'] == 'diverged' and sel['kd']['complete']
+
+
+def test_extension_values_step_geometrically_beyond_the_end_the_winner_sits_at():
+    lrs = [0.025, 0.05, 0.1, 0.2, 0.4]
+    assert study.extension_value(lrs, 0.4) == 0.8 and study.extension_value(lrs, 0.025) == 0.0125
+    assert study.extension_value(lrs, 0.1) is None and study.extension_value(lrs, 0.3) is None
+    assert study.extension_value([0.00025, 0.0005, 0.001, 0.002, 0.004], 0.004) == 0.008
+    assert study.extension_value([0.1, 0.3, 1.0, 3.0], 3.0) == 9.0
+    assert study.extension_value([0.1, 0.3, 1.0, 3.0], 0.1) == 0.0333333  # 6 significant digits
+    assert study.extension_value([0.4, 0.2, 0.1], 0.4) == 0.8  # by value, whatever the order
+    assert study.extension_value([1, 2, 4], 4) == 8 and isinstance(study.extension_value([1, 2, 4], 4), int)
+    assert study.extension_value([1, 2, 4], 1) is None  # 0.5 rounds to 0: no integer step
+    assert study.extension_value([0.0, 0.1, 1.0], 0.0) is None  # no ratio from a zero
+    assert study.extension_value([0.0, 0.1, 1.0], 1.0) == 10.0
+    assert study.extension_value(['sgd', 'adam'], 'adam') is None and study.extension_value([True, False], True) is None
+    assert study.extension_value([0.1], 0.1) is None  # one value: no end to step from
+
+
+def test_edge_rule_extends_a_winner_at_an_edge_once_in_its_direction(workspace):
+    lrs = [0.025, 0.05, 0.1, 0.2, 0.4]
+    spec = _select_spec(workspace, {'kd': {'grid': {LR: lrs}}, 'ce': {'grid': {LR: lrs}},
+                                    'opdf': {'grid': {LR: lrs, LAMBDA: [0.1, 0.3, 1.0, 3.0]}}}, edge_rule='extend_once')
+    assert spec.edge_rule == 'extend_once' and spec.pairs[0].edge_rule == 'extend_once'
+    peaks, lambdas = {'kd': 0.4, 'ce': 0.1}, [0.1, 0.3, 1.0, 3.0]
+
+    def score(opdf_peak=(0.4, 3.0), kd_beyond=-5.0, recorded=True):
+        """kd peaks at 0.4 (90.0) and scores 90 + kd_beyond beyond the grid; ce at 0.1; opdf at opdf_peak."""
+        def f(name, overrides, seed):
+            lr, lam = overrides[LR], overrides.get(LAMBDA)
+            beyond = lr not in lrs or (lam is not None and lam not in lambdas)
+            if beyond and not recorded:
+                return None
+            if name == 'opdf':
+                return 90.0 - abs(math.log(lr / opdf_peak[0])) - abs(math.log(lam / opdf_peak[1])) + seed % 2
+            return 90.0 + kd_beyond if beyond else 90.0 - abs(math.log(lr / peaks[name]))
+        return f
+
+    # the grid's winners: kd at the upper end, ce inside, opdf at the upper end of both keys
+    sel = _select(spec, score(recorded=False))
+    assert sel['kd']['state'] == 'extending' and sel['kd']['selected'] is None
+    assert [e['own'] for e in sel['kd']['extensions']] == [{LR: 0.8}] and sel['kd']['budget'] == 6
+    assert sel['ce']['state'] == 'selected' and sel['ce']['extensions'] == [] and sel['ce']['selected'] == {LR: 0.1}
+    assert sel['ce']['edge'] == [] and sel['ce']['budget'] == 5
+    # two keys at an edge: one extension per key, the other key at the winner's value
+    assert [(e['extension'], e['own']) for e in sel['opdf']['extensions']] == [
+        (LR, {LR: 0.8, LAMBDA: 3.0}), (LAMBDA, {LR: 0.4, LAMBDA: 9.0})]
+    # the extension is better (kd: +5 beyond the grid): it wins, flagged as an edge, and is not extended again
+    sel = _select(spec, score(kd_beyond=5.0))
+    assert sel['kd']['selected'] == {LR: 0.8} and sel['kd']['edge'] == [LR]
+    assert [e['own'] for e in sel['kd']['extensions']] == [{LR: 0.8}] and len(sel['kd']['points']) == 6
+    # the extension is worse: the grid's winner stays, no longer at an edge of the extended grid
+    sel = _select(spec, score(kd_beyond=-5.0))
+    assert sel['kd']['selected'] == {LR: 0.4} and sel['kd']['edge'] == []
+    # the lower end: the step goes down; only the key at an edge is extended
+    sel = _select(spec, score(opdf_peak=(0.025, 1.0)))
+    assert [e['own'] for e in sel['opdf']['extensions']] == [{LR: 0.0125, LAMBDA: 1.0}]
+    # a tie with the grid's winner keeps the grid's winner (extensions come after the grid)
+    sel = _select(spec, score(kd_beyond=0.0))
+    assert sel['kd']['points'][5]['val'] == sel['kd']['points'][4]['val'] and sel['kd']['selected'] == {LR: 0.4}
+    # without the edge rule: no extension, the edge is only flagged
+    plain = _select_spec(workspace, {'kd': {'grid': {LR: lrs}}})
+    sel = _select(plain, score())
+    assert sel['kd']['extensions'] == [] and sel['kd']['selected'] == {LR: 0.4} and sel['kd']['edge'] == [LR]
+
+
+_NOISE = [0.3, -0.2, 0.1, -0.4, 0.25, -0.05, 0.15, -0.3]
+
+
+def _protocol_execute(config, seed, overrides, workdir, device, isolate, threads=None):
+    """mpo's validation accuracy rises with lr up to the grid's end 0.4 and falls beyond (0.8); opdf's
+    rises with lambda beyond the grid (9.0 is best); ce peaks inside its grid. Test accuracy: opdf is
+    mpo + 2 (different), rand is opdf within +-0.05 (equivalent), mpo - ce is noise of +-1 (inconclusive)."""
+    name = config.rsplit('/', 1)[-1].split('.')[0]
+    lr, lam = overrides.get(LR, 0.1), overrides.get(LAMBDA, 0.0)
+    if seed >= 100:  # selection: validation only matters
+        val = {'ce': lambda: 88.0 - abs(math.log(lr / 0.1)), 'mpo': lambda: 88.0 - abs(math.log(lr / 0.5)),
+               'opdf': lambda: 86.0 + math.log(lam) - abs(math.log(lr / 0.4))}[name]() + 0.1 * (seed - 100)
+        test = val
+    else:
+        base = 85.0 + _NOISE[seed]
+        test = {'ce': base + 3 * _NOISE[(seed + 3) % 8], 'mpo': base, 'opdf': base + 2.0 + 0.1 * _NOISE[seed + 1],
+                'rand': base + 2.0 + 0.1 * _NOISE[seed + 1] + (0.05 if seed % 2 else -0.05)}[name]
+        val = test + 1.0
+    return {'status': 'ok', 'error': None, 'metrics': {
+        'test_acc1': round(test, 4), 'best_val_acc1': round(val, 4), 'train_params': 20 if name != 'ce' else 10,
+        'inference_params': 10, 'ratio': 2.0 if name != 'ce' else 1.0, 'train_seconds': 1.0}}
+
+
+PROTOCOL_ARMS = {'ce': {'grid': {LR: [0.025, 0.05, 0.1, 0.2, 0.4]}},
+                 'mpo': {'grid': {LR: [0.025, 0.05, 0.1, 0.2, 0.4]}},
+                 'opdf': {'inherit': 'mpo', 'grid': {LAMBDA: [0.1, 0.3, 1.0, 3.0]}},
+                 'rand': {'inherit': 'opdf'}}
+PROTOCOL_EXPECTED = """#### Protocol pair: selection on validation (seeds 100, 101)
+
+| arm | lr | lambda | val acc@1 (%) | selected |
+|---|---|---|---|---|
+| ce | 0.025 | - | 86.66 |  |
+| ce | 0.05 | - | 87.36 |  |
+| ce | 0.1 | - | 88.05 | yes |
+| ce | 0.2 | - | 87.36 |  |
+| ce | 0.4 | - | 86.66 |  |
+| mpo | 0.025 | - | 85.05 |  |
+| mpo | 0.05 | - | 85.75 |  |
+| mpo | 0.1 | - | 86.44 |  |
+| mpo | 0.2 | - | 87.13 |  |
+| mpo | 0.4 | - | 87.83 | yes |
+| mpo | 0.8 (ext) | - | 87.58 |  |
+| opdf | 0.4 | 0.1 | 83.75 |  |
+| opdf | 0.4 | 0.3 | 84.85 |  |
+| opdf | 0.4 | 1.0 | 86.05 |  |
+| opdf | 0.4 | 3.0 | 87.15 |  |
+| opdf | 0.4 | 9.0 (ext) | 88.25 | yes |
+| rand | 0.4 | 9.0 | inherited from opdf | yes |
+
+#### Protocol pair: tuning budget per arm
+
+| arm | grid | points tuned | inherited | selected | val acc@1 (%) | edge |
+|---|---|---|---|---|---|---|
+| ce | lr: 0.025, 0.05, 0.1, 0.2, 0.4 | 5 | - | lr=0.1 | 88.05 |  |
+| mpo | lr: 0.025, 0.05, 0.1, 0.2, 0.4, 0.8 (ext) | 6 (5 + 1 ext) | - | lr=0.4 | 87.83 |  |
+| opdf | lambda: 0.1, 0.3, 1.0, 3.0, 9.0 (ext) | 5 (4 + 1 ext) | lr=0.4 from mpo | lambda=9.0 | 88.25 | edge (lambda) |
+| rand | - | 0 | lr=0.4, lambda=9.0 from opdf | - | - |  |
+
+Tuning budgets differ between arms (validation points each arm tuned itself, edge extensions included): ce 5, mpo 6, opdf 5 (+ lr from mpo), rand 0 (+ lr, lambda from opdf).
+
+edge: the selected value is the lowest or highest of its grid (extensions included); a better value may lie beyond it.
+
+#### Protocol pair: test accuracy at the selected setting (seeds 0, 1, 2, 3, 4, 5)
+
+| arm | lr | lambda | n | test acc@1 (%) | 95 % CI | params x |
+|---|---|---|---|---|---|---|
+| ce | 0.1 | - | 6 | 84.97 | [84.27, 85.68] | 1.00 |
+| mpo | 0.4 | - | 6 | 85.00 | [84.72, 85.28] | 2.00 |
+| opdf | 0.4 | 9.0 | 6 | 87.00 | [86.73, 87.26] | 2.00 |
+| rand | 0.4 | 9.0 | 6 | 87.00 | [86.78, 87.22] | 2.00 |
+
+#### Protocol pair: contrasts (paired over the test seeds 0, 1, 2, 3, 4, 5)
+
+| contrast | a - b | family | n | mean diff | 95 % CI | p (paired t) | p (Holm) | margin | p (TOST) | MDE (80 % power) | verdict |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| alignment | opdf - mpo | primary | 6 | +2.00 | [+1.97, +2.02] | <0.001 | <0.001 | +-0.5 | 1.000 | 0.03 | different |
+| teacher | opdf - rand | primary | 6 | +0.00 | [-0.06, +0.06] | 1.000 | 1.000 | +-0.5 | <0.001 | 0.08 | equivalent |
+| over-parameterization | mpo - ce | check | 6 | +0.03 | [-0.90, +0.95] | 0.947 | 0.947 | - | - | 1.25 | inconclusive |
+
+Differences a - b in test accuracy points over the seeds both arms have; two-sided paired t-test; Holm correction within each family of this pair (comparisons per family: primary: 2, check: 1). TOST: the larger p of the two one-sided paired t-tests against -margin and +margin (Schuirmann 1987). Verdict: different if p (Holm) < 0.05, else equivalent if p (TOST) < 0.05, else inconclusive. MDE: the true difference the paired t-test detects with 80 % power at two-sided alpha 0.05, (t_0.975,n-1 + t_0.8,n-1) x SD / sqrt(n), from the observed SD of the differences.
+"""
+PROTOCOL_CONTRASTS = [{'name': 'alignment', 'arms': ['opdf', 'mpo'], 'family': 'primary', 'margin': 0.5},
+                      {'name': 'teacher', 'arms': ['opdf', 'rand'], 'family': 'primary', 'margin': 0.5},
+                      {'name': 'over-parameterization', 'arms': ['mpo', 'ce'], 'family': 'check'}]
+
+
+def test_a_protocol_study_extends_inherits_resumes_and_reports(workspace, monkeypatch, capsys):
+    """Rounds: the grids of ce and mpo (20 runs); mpo's edge extension lr 0.8 (2); opdf's lambda grid at
+    mpo's lr (8); opdf's extension lambda 9.0 (2); rand tunes nothing; then 4 arms x 6 test seeds."""
+    spec = _select_spec(workspace, PROTOCOL_ARMS, edge_rule='extend_once', contrasts=PROTOCOL_CONTRASTS,
+                        seeds=range(6))
+    pair = spec.pairs[0]
+    calls = []
+
+    def interrupted_after(n):
+        def execute(*args):
+            if len(calls) == n:
+                raise KeyboardInterrupt  # a killed session: what was recorded stays
+            calls.append(args)
+            return _protocol_execute(*args)
+        return execute
+
+    plan = study.study_plan(spec, pair, [])
+    assert len(plan['select']) == 20 and len(plan['waiting']) == 8 and plan['final'] == []
+    assert [plan['selection'][a]['state'] for a in PROTOCOL_ARMS] == ['selecting', 'selecting', 'waiting', 'waiting']
+    out = io.StringIO()
+    study.run_study(spec, dry_run=True, stream=out)
+    dry = out.getvalue()
+    assert 'phase all: 0/52 runs done' in dry  # 20 + 8 waiting selection runs, 24 final runs (extensions unknown)
+    assert "    opdf: waiting for mpo's selected setting (lr); then selection lambda (4) = 4 points x 2 seeds = 8 " \
+           "runs; final 6 runs waiting" in dry
+    assert "    rand: waiting for opdf's selected setting (lr, lambda); then no tuning of its own" in dry
+    assert 'mpo: selection lr (5) = 5 points x 2 seeds: 10 runs (10 to go); edge extensions decided when the ' \
+           'grid is done' in dry
+
+    monkeypatch.setattr(runner, '_execute', interrupted_after(21))
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(spec, stream=io.StringIO())
+    records = study.load_records(workspace / 'protocol.jsonl')
+    assert len(records) == 21 and all(r['phase'] == 'select' for r in records)
+    plan = study.study_plan(spec, pair, records)
+    sel = plan['selection']
+    assert sel['ce']['selected'] == {LR: 0.1} and sel['mpo']['state'] == 'extending'
+    assert [e['own'] for e in sel['mpo']['extensions']] == [{LR: 0.8}] and len(plan['select']) == 22
+    assert sel['opdf']['state'] == 'waiting' and sel['rand']['state'] == 'waiting' and len(plan['waiting']) == 8
+    assert len(plan['final']) == 6 and len(plan['unplanned']) == 18  # ce's final runs are planned
+    out = io.StringIO()
+    study.run_study(spec, dry_run=True, stream=out)
+    assert '; edge extension lr=0.8' in out.getvalue() and "opdf: waiting for mpo's" in out.getvalue()
+
+    monkeypatch.setattr(runner, '_execute', interrupted_after(10 ** 6))
+    out = io.StringIO()
+    study.run_study(spec, stream=out)
+    assert len(calls) == 20 + 2 + 8 + 2 + 24
+    assert len({runner.canonical(c[:3]) for c in calls}) == len(calls)  # nothing trained twice
+    selection_calls = [(c[0].rsplit('/', 1)[-1], c[2]) for c in calls if c[1] >= 100]
+    assert selection_calls[20:22] == [('mpo.yaml', {LR: 0.8})] * 2  # the extension, before opdf's grid
+    assert [o for _, o in selection_calls[22:30:2]] == [{LR: 0.4, LAMBDA: lam} for lam in (0.1, 0.3, 1.0, 3.0)]
+    assert selection_calls[30:] == [('opdf.yaml', {LR: 0.4, LAMBDA: 9.0})] * 2
+    finals = {(c[0].rsplit('/', 1)[-1], runner.canonical(c[2])) for c in calls if c[1] < 100}
+    assert finals == {('ce.yaml', runner.canonical({LR: 0.1})), ('mpo.yaml', runner.canonical({LR: 0.4})),
+                      ('opdf.yaml', runner.canonical({LR: 0.4, LAMBDA: 9.0})),
+                      ('rand.yaml', runner.canonical({LR: 0.4, LAMBDA: 9.0}))}
+    assert '[56/56 runs done' in out.getvalue()
+    records = study.load_records(workspace / 'protocol.jsonl')
+    assert len(records) == 56 and all(set(r) >= {'phase', 'pair'} and 'extension' not in r for r in records)
+    study.run_study(spec, stream=io.StringIO())
+    assert len(calls) == 56  # all recorded: nothing trains again
+
+    capsys.readouterr()
+    assert ablate.main(['report', '--study', str(spec.path), '--summary_json', str(workspace / 's.json')]) == 0
+    first = capsys.readouterr()
+    assert first.out == PROTOCOL_EXPECTED and first.err == ''
+    assert ablate.main(['report', '--study', str(spec.path)]) == 0
+    assert capsys.readouterr().out == PROTOCOL_EXPECTED  # the same bytes again
+    rows = json.loads((workspace / 's.json').read_text())
+    assert [r.get('arm') or r['contrast'] for r in rows] == ['ce', 'mpo', 'opdf', 'rand', 'alignment', 'teacher',
+                                                             'over-parameterization']
+    assert [r['verdict'] for r in rows[4:]] == ['different', 'equivalent', 'inconclusive']
+    assert rows[2]['budget'] == 5 and rows[2]['inherit'] == 'mpo' and rows[2]['edge'] == [LAMBDA]
+
+
+def _tost_by_hand(diffs, margin):
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+    return max(stats.t.sf((mean + margin) / se, n - 1), stats.t.cdf((mean - margin) / se, n - 1))
+
+
+def test_contrasts_holm_within_family_tost_and_verdicts_on_constructed_differences():
+    seeds = range(10)
+    noise = [0.31, -0.22, 0.13, -0.41, 0.27, -0.06, 0.18, -0.33, 0.09, 0.04]
+    base = {s: 85.0 + noise[s] for s in seeds}
+    shifted = {s: base[s] + 2.0 + 0.1 * noise[(s + 3) % 10] for s in seeds}  # clearly different
+    close = {s: base[s] + 0.05 * noise[(s + 1) % 10] for s in seeds}  # clearly within +-0.5
+    noisy = {s: base[s] + 0.2 + 3 * noise[(s + 5) % 10] for s in seeds}  # neither
+    partial = {s: shifted[s] for s in range(8)}  # seeds 8, 9 missing (diverged): paired over 8 seeds
+    items = [{'name': 'shift', 'family': 'primary', 'margin': 0.5, 'a': shifted, 'b': base},
+             {'name': 'close', 'family': 'primary', 'margin': 0.5, 'a': close, 'b': base},
+             {'name': 'noisy', 'family': 'primary', 'margin': 0.5, 'a': noisy, 'b': base},
+             {'name': 'check', 'family': 'check', 'margin': None, 'a': noisy, 'b': base},
+             {'name': 'partial', 'family': 'other', 'margin': 0.5, 'a': partial, 'b': base}]
+    out = study.contrasts(items)
+    primary_p = []
+    for item, row in zip(items, out):
+        common = sorted(set(item['a']) & set(item['b']))
+        a, b = [item['a'][s] for s in common], [item['b'][s] for s in common]
+        diffs = [x - y for x, y in zip(a, b)]
+        assert row['n'] == len(common) and row['mean'] == pytest.approx(sum(diffs) / len(diffs))
+        assert row['p'] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+        assert row['sd'] == pytest.approx(stats.tstd(diffs))
+        n = len(diffs)
+        assert row['mde'] == pytest.approx((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1))
+                                           * stats.tstd(diffs) / math.sqrt(n))
+        if item['margin'] is None:
+            assert row['p_tost'] is None
+        else:
+            assert row['p_tost'] == pytest.approx(_tost_by_hand(diffs, item['margin']))
+            lower = stats.ttest_1samp(diffs, -item['margin'], alternative='greater').pvalue
+            upper = stats.ttest_1samp(diffs, item['margin'], alternative='less').pvalue
+            assert row['p_tost'] == pytest.approx(max(lower, upper))
+        if item['family'] == 'primary':
+            primary_p.append(row['p'])
+    # Holm within the family: the three primary contrasts together, the others alone
+    assert [r['p_holm'] for r in out[:3]] == pytest.approx(study.holm(primary_p))
+    assert out[2]['p_holm'] == pytest.approx(min(1.0, 2 * out[2]['p']))  # the 2nd smallest of 3: x2
+    assert out[3]['p_holm'] == pytest.approx(out[3]['p'])  # the same data, alone in its family
+    assert out[4]['p_holm'] == pytest.approx(out[4]['p'])
+    assert [r['verdict'] for r in out] == ['different', 'equivalent', 'inconclusive', 'inconclusive', 'different']
+    assert out[0]['p_holm'] < 0.05 and out[1]['p_tost'] < 0.05 and out[2]['p_tost'] > 0.05 and out[2]['p_holm'] > 0.05
+    # the verdict rule itself: Holm first, then TOST (only with a margin), NaN: no verdict
+    assert study.verdict(0.01, 0.01) == 'different' and study.verdict(0.2, 0.01) == 'equivalent'
+    assert study.verdict(0.2, 0.2) == 'inconclusive' and study.verdict(0.2, None) == 'inconclusive'
+    assert study.verdict(math.nan, None) == 'n/a'
+    assert study.contrasts([{'name': 'x', 'family': 'f', 'margin': 0.5, 'a': {0: 1.0}, 'b': {0: 0.5}}])[0][
+        'verdict'] == 'n/a'  # one paired seed: no test
+    # no spread: TOST is decided by the mean alone
+    assert study.tost_paired([0.2, 0.2, 0.2], 0.5) == 0.0 and study.tost_paired([0.7, 0.7], 0.5) == 1.0
+
+
+def test_mde_is_the_effect_a_paired_t_test_detects_with_80_percent_power():
+    diffs = [0.5, -0.3, 0.2, 0.9, -0.6, 0.1, 0.4, -0.2, 0.3, 0.0, -0.4, 0.6]
+    n, sd = len(diffs), stats.tstd(diffs)
+    mde = study.mde_paired(diffs)
+    assert mde == pytest.approx((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n))
+    # independent check: the power of the two-sided paired t-test at a true difference of MDE (noncentral t)
+    crit, nc = stats.t.ppf(0.975, n - 1), mde / (sd / math.sqrt(n))
+    power = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
+    assert power == pytest.approx(0.8, abs=0.02)
+    assert math.isnan(study.mde_paired([1.0])) and study.mde_paired([1.0, 1.0]) == 0.0
+    assert study.mde_paired(diffs, power=0.9) > mde
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda s: s.update(edge_rule='extend'), r"edge_rule must be one of \['none', 'extend_once'\], got 'extend'"),
+    (lambda s: s['pairs']['p']['arms']['opdf'].update(inherit='mpoo'),
+     r"arms.opdf.inherit: 'mpoo' is not another arm of the pair \(arms: \['ce', 'mpo', 'rand'\]\)"),
+    (lambda s: s['pairs']['p']['arms']['opdf'].update(inherit='opdf'), r"'opdf' is not another arm of the pair"),
+    (lambda s: s['pairs']['p']['arms']['mpo'].update(inherit='rand'),
+     r'arms.mpo.inherit: an inheritance cycle \(mpo -> rand -> opdf -> mpo\)'),
+    (lambda s: s['pairs']['p']['arms']['opdf']['grid'].update({LR: [0.1, 0.2]}),
+     r"arms.opdf.grid: \['train.optimizer.kwargs.lr'\] is inherited \(from \['mpo'\]\)"),
+    (lambda s: s['pairs']['p']['arms']['rand'].update(grid={LAMBDA: [1.0]}), r"arms.rand.grid: \[.*weight'\] is "
+                                                                           r"inherited \(from \['opdf'\]\)"),
+    (lambda s: s['pairs']['p']['arms']['rand'].update(inherit=['opdf']), r'inherit must name another arm'),
+    (lambda s: s['pairs']['p']['contrasts'][0].update(arms=['opdf', 'kd']),
+     r"contrasts\[0\].arms: \['kd'\] is not an arm of the pair \(arms: \['ce', 'mpo', 'opdf', 'rand'\]\)"),
+    (lambda s: s['pairs']['p']['contrasts'][0].update(arms=['opdf']), r'contrasts\[0\].arms must be two different'),
+    (lambda s: s['pairs']['p']['contrasts'][0].update(arms=['opdf', 'opdf']), r'must be two different arm names'),
+    (lambda s: s['pairs']['p']['contrasts'][1].update(familly=s['pairs']['p']['contrasts'][1].pop('family')),
+     r"contrasts\[1\]: unknown keys \['familly'\]; valid keys: \['arms', 'family', 'margin', 'name'\]"),
+    (lambda s: s['pairs']['p']['contrasts'][1].pop('family'), r"contrasts\[1\]: missing \['family'\]"),
+    (lambda s: s['pairs']['p']['contrasts'][1].update(name='alignment'), r"'alignment' names two contrasts"),
+    (lambda s: s['pairs']['p']['contrasts'][0].update(margin=-0.5), r'margin must be a positive number'),
+    (lambda s: s['pairs']['p']['contrasts'][0].update(margin=True), r'margin must be a positive number'),
+    (lambda s: s['pairs']['p']['contrasts'][0].update(family=''), r'family must be a non-empty string'),
+    (lambda s: s['pairs']['p'].update(contrasts={'alignment': ['opdf', 'mpo']}), r'contrasts must be a list'),
+    (lambda s: s['pairs']['p']['arms']['opdf'].update(inherits='mpo'), r"arms.opdf: unknown keys \['inherits'\]"),
+])
+def test_protocol_spec_errors_name_the_key_and_the_choices(workspace, edit, message, capsys):
+    _select_spec(workspace, PROTOCOL_ARMS, edge_rule='extend_once', contrasts=PROTOCOL_CONTRASTS)
+    spec = json.loads((workspace / 'protocol.yaml').read_text())
+    edit(spec)
+    bad = workspace / 'bad.yaml'
+    bad.write_text(json.dumps(spec))
+    with pytest.raises(study.StudyError, match=message):
+        study.load_study(bad)
+    assert ablate.main(['study', str(bad), '--dry_run']) == 1
+    assert re.match(r'error: .*bad.yaml: pairs.p|error: .*bad.yaml: edge_rule', _one_error_line(capsys))
+
+
+def test_inheritance_order_and_inherited_axes(workspace):
+    arms = {'rand': {'inherit': 'opdf'}, 'opdf': {'inherit': 'mpo', 'grid': {LAMBDA: [0.1, 1.0]}},
+            'mpo': {'grid': {LR: [0.1, 0.2]}}}
+    pair = _select_spec(workspace, arms).pairs[0]
+    assert [a.name for a in study.inheritance_order(pair)] == ['mpo', 'opdf', 'rand']
+    assert pair.inherited_axes(pair.arm('rand')) == [LR, LAMBDA] and pair.inherited_axes(pair.arm('mpo')) == []
+    assert pair.edge_rule == 'none' and pair.contrasts == []
+    sel = _select(_select_spec(workspace, arms), lambda name, overrides, seed: 80.0 + overrides[LR] * 10
+                  + overrides.get(LAMBDA, 0.0))
+    assert list(sel) == ['rand', 'opdf', 'mpo']  # the pair's order
+    assert sel['opdf']['inherited'] == {LR: 0.2} and sel['opdf']['selected'] == {LR: 0.2, LAMBDA: 1.0}
+    assert sel['rand']['selected'] == {LR: 0.2, LAMBDA: 1.0} and sel['rand']['points'] == [] and \
+        sel['rand']['budget'] == 0
+    waiting = _select(_select_spec(workspace, arms), lambda name, overrides, seed: None if name == 'mpo' else 80.0)
+    assert waiting['opdf']['state'] == 'waiting' and [e['point'] for e in waiting['opdf']['points']] == [
+        {LAMBDA: 0.1}, {LAMBDA: 1.0}] and waiting['rand']['state'] == 'waiting'
+
+
+def test_the_confirmatory_fashion_study_plans_its_selection_runs_and_waits_for_inherited_settings():
+    path = ROOT / 'configs' / 'fashion' / 'confirm' / 'study.yaml'
+    confirm = study.load_study(path)
+    assert confirm.edge_rule == 'extend_once' and [p.name for p in confirm.pairs] == ['cnn', 'vit']
+    for pair in confirm.pairs:
+        assert [c.family for c in pair.contrasts] == ['primary'] * 3 + ['check']
+        assert pair.select_seeds == [100, 101]
+        plan = study.study_plan(confirm, pair, [])
+        assert len(plan['select']) == 4 * 5 * 2 and len(plan['waiting']) == 4 * 2
+        assert {t.identity.name for t in plan['select']} == {'ce', 'kd', 'kd_split', 'kd_mpo'}
+        assert plan['final'] == [] and len(plan['unplanned']) == 6 * len(pair.seeds)
+        assert plan['selection']['kd_opdf']['state'] == plan['selection']['kd_opdf_random']['state'] == 'waiting'
+    out = io.StringIO()
+    study.run_study(confirm, dry_run=True, stream=out)
+    text = out.getvalue()
+    assert "    kd_opdf: waiting for kd_mpo's selected setting (lr); then selection lambda (4)" in text
+    assert "    kd_opdf_random: waiting for kd_opdf's selected setting (lr, lambda); then no tuning" in text
+    assert text.count('selection lr (5) = 5 points x 2 seeds: 10 runs') == 8

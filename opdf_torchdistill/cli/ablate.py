@@ -7,12 +7,13 @@ Three commands:
     per finished run (so an interrupted ablation resumes where it stopped).
 ``study SPEC``
     the two-phase protocol of a study spec (``configs/fashion/study.yaml``): selection on validation
-    accuracy with the selection seeds, then the selected setting with the final seeds. Resumable
-    across sessions; ``--jobs 2`` trains two runs at a time.
+    accuracy with the selection seeds (with the spec's edge rule and inherited settings, in rounds),
+    then the selected setting with the final seeds. Resumable across sessions; ``--jobs 2`` trains two
+    runs at a time; ``--dry_run`` prints the plan per arm, including what waits.
 ``report``
-    prints the tables: with ``--study SPEC`` the selection and final tables per pair (Markdown,
-    reproducible byte for byte from the records); with ``--out FILES`` the per-config summary
-    (``--tune``, ``--baseline``, plots).
+    prints the tables: with ``--study SPEC`` the selection, tuning, final and contrasts tables per
+    pair (Markdown, reproducible byte for byte from the records); with ``--out FILES`` the per-config
+    summary (``--tune``, ``--baseline``, plots).
 
 What a record key hashes, the spec format, the statistics and the tables are documented in the
 package's modules (``opdf_torchdistill/study/``). Errors a user can fix (a wrong path, spec key, pair

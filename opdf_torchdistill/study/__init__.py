@@ -3,15 +3,18 @@
 The package behind ``opdf-ablate`` (``tools/ablate.py``), one concept per module:
 
 ``spec``
-    study specs (``configs/fashion/study.yaml``): pairs, arms, grids, seeds; :func:`load_study`.
+    study specs (``configs/fashion/study.yaml``): pairs, arms, grids, seeds, the edge rule, inheritance
+    and contrasts; :func:`load_study`.
 ``records``
     run identity (what a record key hashes, and why), record files, stale records.
 ``runner``
     training the runs an ablation or study still needs (teachers first), progress and ETA.
 ``selection``
-    the selection phase of a study: the grid point with the best validation score per arm.
+    the selection phase of a study: the grid point with the best mean validation score per arm, edge
+    extensions, inherited settings.
 ``stats``
-    95 % t-intervals, paired differences over seeds, Holm's correction, per-config summaries.
+    95 % t-intervals, paired differences over seeds, Holm's correction, TOST, minimal detectable
+    effects and verdicts of contrasts, per-config summaries.
 ``report``
     the tables (Markdown for studies, plain text for ablations), byte for byte from the records.
 ``plots``
@@ -34,13 +37,14 @@ from .records import (DONE, INPUT_KEYS, RecordError, RunIdentity, append_record,
                       without_stale)
 from .report import format_summary, report_records, report_study, study_tables
 from .runner import Progress, Task, prepare_teachers, run_ablation, run_study, study_plan, teacher_state
-from .selection import select_settings
-from .spec import Arm, Pair, Study, StudyError, load_study, pick_pairs
-from .stats import holm, mean_ci, paired_difference, summarize
+from .selection import edge_keys, extension_value, inheritance_order, select_settings
+from .spec import EDGE_RULES, Arm, Contrast, Pair, Study, StudyError, load_study, pick_pairs
+from .stats import contrasts, holm, mde_paired, mean_ci, paired_difference, summarize, tost_paired, verdict
 
 __all__ = ['DONE', 'INPUT_KEYS', 'RecordError', 'RunIdentity', 'append_record', 'config_hash', 'environment', 'find_stale',
            'input_hashes', 'load_records', 'record_finder', 'resolved_config', 'run_identity', 'run_key',
            'without_stale', 'format_summary', 'report_records', 'report_study', 'study_tables', 'Progress', 'Task',
-           'prepare_teachers', 'run_ablation', 'run_study', 'study_plan', 'teacher_state', 'select_settings', 'Arm',
-           'Pair', 'Study', 'StudyError', 'load_study', 'pick_pairs', 'holm', 'mean_ci', 'paired_difference',
-           'summarize']
+           'prepare_teachers', 'run_ablation', 'run_study', 'study_plan', 'teacher_state', 'edge_keys',
+           'extension_value', 'inheritance_order', 'select_settings', 'EDGE_RULES', 'Arm', 'Contrast', 'Pair', 'Study',
+           'StudyError', 'load_study', 'pick_pairs', 'contrasts', 'holm', 'mde_paired', 'mean_ci', 'paired_difference',
+           'summarize', 'tost_paired', 'verdict']

@@ -1,10 +1,29 @@
 """Report tables, reproducible byte for byte from the records.
 
-``report_study`` prints, per pair of a study, the selection table (every grid point's mean validation
-accuracy over the selection seeds, and the point selected) and the final table (test accuracy mean
-and 95 % t-interval over the test seeds at the selected setting, the paired difference to the
-baseline over the same seeds with its 95 % t-interval, the two-sided paired t-test p-value and the
-Holm-corrected p-value over the comparisons in that table), as Markdown on stdout.
+``report_study`` prints, per pair of a study, as Markdown on stdout:
+
+the selection table
+    every selection point's mean validation accuracy over the selection seeds, and the point selected
+    (an edge extension's extended value is marked ``(ext)``; an arm waiting for the setting it
+    inherits shows ``?`` for what it will inherit);
+the tuning table
+    (only for pairs that use an edge rule, ``inherit`` or ``contrasts``, so that the tables of a spec
+    without them stay as they were) per arm: its own grid (extensions marked), the number of points it
+    tuned itself (its budget; extensions counted), what it inherited from which arm, the selected
+    values of its own keys with their validation accuracy, and ``edge (KEY)`` when a selected value is
+    the lowest or highest of its key's grid, extensions included; a line under it says when the
+    budgets differ between arms;
+the final table
+    test accuracy mean and 95 % t-interval over the test seeds at the selected setting, the paired
+    difference to the baseline over the same seeds with its 95 % t-interval, the two-sided paired
+    t-test p-value and the Holm-corrected p-value over the comparisons in that table;
+the contrasts table
+    (when the pair has ``contrasts``) per contrast ``a - b``: the seeds both arms have (n), the mean
+    paired difference and its 95 % t-interval, the two-sided paired t-test p, the Holm-adjusted p
+    within the contrast's family (in this pair), the TOST p against the margin, the minimal detectable
+    effect at 80 % power and two-sided alpha 0.05 from the observed SD of the differences, and the
+    verdict: ``different`` if p (Holm) < 0.05, else ``equivalent`` if p (TOST) < 0.05, else
+    ``inconclusive`` (:mod:`~opdf_torchdistill.study.stats`).
 
 ``report_records`` prints the per-config summary of an ablation's record files (``report --out``),
 optionally tuned on validation (``tune``) and compared with a baseline, as a plain-text table.
@@ -22,11 +41,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..io import atomic_write_json
-from ._format import label, short_key
+from ._format import label, short_key, short_overrides
 from .records import canonical, config_hash, find_stale, load_records, record_finder, warn_stale, without_stale
 from .selection import select_settings
-from .spec import Arm, Study, load_study, pick_pairs
-from .stats import holm, mean_ci, paired_difference, summarize
+from .spec import Arm, Pair, Study, load_study, pick_pairs
+from .stats import ALPHA, POWER, contrasts, holm, mean_ci, paired_difference, summarize
 
 __all__ = ['study_tables', 'format_summary', 'report_study', 'report_records']
 
@@ -49,7 +68,10 @@ def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
                  pairs: Sequence[str] | None = None) -> tuple[str, list[dict]]:
-    """The Markdown tables of a study (selection and final per pair) and their rows as data.
+    """The Markdown tables of a study (selection, tuning, final and contrasts per pair; see the module
+    docstring) and their rows as data: one per arm with final results (``arm``, its setting, test
+    statistics, ``vs_baseline``, and its tuning ``budget``, ``inherit`` and ``edge`` keys), then one per
+    contrast (``contrast``, ``arms`` and the statistics of :func:`~opdf_torchdistill.study.stats.contrasts`).
 
     Records are matched by config hash (``find_stale``'s stale ones never match); everything printed is
     a function of the records and the spec, so the text is reproduced byte for byte.
@@ -79,17 +101,33 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
         rows = []
         for arm in pair.arms:
             sel = selection[arm.name]
+            inherited = pair.inherited_axes(arm)
+            if sel['state'] == 'waiting' and not sel['points']:
+                rows.append([arm.name] + ['?' if k in inherited else '-' for k in axes]
+                            + [f'waiting for {arm.inherit}', ''])
+            elif arm.inherit is not None and not sel['points']:
+                rows.append([arm.name] + [str(sel['selected'].get(k, '-')) for k in axes]
+                            + [f'inherited from {arm.inherit}', 'yes'])
             for entry in sel['points']:
-                if entry['missing']:
+                if sel['state'] == 'waiting':
+                    val = f'waiting for {arm.inherit}'
+                elif entry['missing']:
                     val = f'missing {entry["missing"]}/{len(pair.select_seeds)}'
                 elif entry['diverged']:
                     val = f'diverged {entry["diverged"]}/{len(pair.select_seeds)}'
                 else:
                     val = _fmt(entry['val'])
-                rows.append([arm.name] + [str(entry['point'].get(k, '-')) for k in axes]
-                            + [val, 'yes' if sel['selected'] == entry['point'] else ''])
+                cells = []
+                for k in axes:
+                    if sel['state'] == 'waiting' and k in inherited:
+                        cells.append('?')
+                    else:
+                        cells.append(str(entry['point'].get(k, '-')) + (' (ext)' if entry['extension'] == k else ''))
+                rows.append([arm.name] + cells + [val, 'yes' if sel['selected'] == entry['point'] else ''])
         out.append(_markdown(['arm'] + labels + ['val acc@1 (%)', 'selected'], rows))
         out.append('')
+        if pair.edge_rule != 'none' or pair.contrasts or any(a.inherit for a in pair.arms):
+            out += _tuning_table(study, pair, selection)
         # final table
         per_arm: dict[str, Any] = {}
         for arm in pair.arms:
@@ -139,7 +177,8 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
             summary.append({'pair': pair.name, 'arm': arm.name, 'setting': entry['chosen'], 'n': len(entry['test']),
                             'diverged': entry['diverged'], 'missing': entry['missing'], 'test_mean': mean,
                             'test_std': std, 'test_ci95': half, 'ratio': entry['ratio'], 'per_seed': entry['test'],
-                            'vs_baseline': comparisons.get(arm.name)})
+                            'vs_baseline': comparisons.get(arm.name), 'budget': selection[arm.name]['budget'],
+                            'inherit': arm.inherit, 'edge': selection[arm.name]['edge']})
         out.append(f'#### {pair.title}: test accuracy at the selected setting (seeds {", ".join(map(str, pair.seeds))})')
         out.append('')
         out.append(_markdown(headers, rows))
@@ -148,7 +187,96 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
             out.append(f'Paired differences to {pair.baseline} over the same seeds; two-sided paired t-test; Holm '
                        f'correction over the {m} comparison{"s" if m != 1 else ""} in this table.')
         out.append('')
+        if pair.contrasts:
+            text, rows = _contrasts_table(pair, per_arm)
+            out += text
+            summary += rows
     return '\n'.join(out), summary
+
+
+def _tuning_table(study: Study, pair: Pair, selection: Mapping[str, dict]) -> list[str]:
+    """Per arm: its own grid (extensions marked), budget, what it inherited, its selection and edge flag;
+    and a line when the budgets differ."""
+    labels = study.labels
+    rows, budgets = [], {}
+    for arm in pair.arms:
+        sel = selection[arm.name]
+        grid = []
+        for k in arm.axes:
+            values = [str(v) for v in arm.values[k]] + [f'{e["own"][k]} (ext)' for e in sel['extensions']
+                                                         if e['extension'] == k]
+            grid.append(f'{labels.get(k, short_key(k))}: {", ".join(values)}')
+        n_ext = len(sel['extensions'])
+        budget = str(sel['budget']) + (f' ({len(sel["points"]) - n_ext} + {n_ext} ext)' if n_ext else '')
+        if arm.inherit is None:
+            inherited = '-'
+        elif sel['inherited'] is None:
+            keys = ', '.join(labels.get(k, short_key(k)) for k in pair.inherited_axes(arm))
+            inherited = f'{keys} from {arm.inherit} (waiting)'
+        else:
+            inherited = f'{short_overrides(sel["inherited"], labels)} from {arm.inherit}'
+        if sel['selected'] is None:
+            chosen, val = {'waiting': 'waiting', 'diverged': 'none (every point diverged)'}.get(
+                sel['state'], sel['state']), '-'
+        elif not arm.axes:
+            chosen, val = '-', '-'
+        else:
+            best = next(e for e in sel['points'] if e['point'] == sel['selected'])
+            chosen, val = short_overrides(best['own'], labels), _fmt(best['val'])
+        edge = f'edge ({", ".join(labels.get(k, short_key(k)) for k in sel["edge"])})' if sel['edge'] else ''
+        rows.append([arm.name, '; '.join(grid) or '-', budget, inherited, chosen, val, edge])
+        budgets[arm.name] = sel['budget']
+    out = [f'#### {pair.title}: tuning budget per arm', '',
+           _markdown(['arm', 'grid', 'points tuned', 'inherited', 'selected', 'val acc@1 (%)', 'edge'], rows), '']
+    notes = []
+    if len(set(budgets.values())) > 1:
+        parts = []
+        for arm in pair.arms:
+            extra = ''
+            if arm.inherit is not None:
+                keys = ', '.join(labels.get(k, short_key(k)) for k in pair.inherited_axes(arm))
+                extra = f' (+ {keys} from {arm.inherit})'
+            parts.append(f'{arm.name} {budgets[arm.name]}{extra}')
+        notes.append(f'Tuning budgets differ between arms (validation points each arm tuned itself, edge '
+                     f'extensions included): {", ".join(parts)}.')
+    if any(selection[a.name]['edge'] for a in pair.arms):
+        notes.append('edge: the selected value is the lowest or highest of its grid (extensions included); a '
+                     'better value may lie beyond it.')
+    for note in notes:
+        out += [note, '']
+    return out
+
+
+def _contrasts_table(pair: Pair, per_arm: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
+    """The pre-registered contrasts of a pair: tests, Holm within each family, TOST, MDE and verdicts."""
+    items = []
+    for c in pair.contrasts:
+        a, b = (per_arm.get(name) for name in c.arms)
+        items.append({'name': c.name, 'family': c.family, 'margin': c.margin,
+                      'a': a['test'] if a else {}, 'b': b['test'] if b else {}})
+    results = contrasts(items)
+    rows, summary = [], []
+    for c, r in zip(pair.contrasts, results):
+        lo, hi = r['mean'] - r['ci95'], r['mean'] + r['ci95']
+        ci = '-' if math.isnan(r['ci95']) else f'[{_fmt(lo, "+.2f")}, {_fmt(hi, "+.2f")}]'
+        rows.append([c.name, f'{c.arms[0]} - {c.arms[1]}', c.family, str(r['n']), _fmt(r['mean'], '+.2f'), ci,
+                     _fmt_p(r['p']), _fmt_p(r['p_holm']), '-' if c.margin is None else f'+-{c.margin:g}',
+                     '-' if r['p_tost'] is None else _fmt_p(r['p_tost']), _fmt(r['mde']), r['verdict']])
+        summary.append({'pair': pair.name, 'contrast': c.name, 'arms': list(c.arms), **r})
+    families = list(dict.fromkeys(c.family for c in pair.contrasts))
+    sizes = ', '.join(f'{f}: {sum(1 for r in results if r["family"] == f and not math.isnan(r["p"]))}'
+                      for f in families)
+    seeds = ', '.join(map(str, pair.seeds))
+    out = [f'#### {pair.title}: contrasts (paired over the test seeds {seeds})', '',
+           _markdown(['contrast', 'a - b', 'family', 'n', 'mean diff', '95 % CI', 'p (paired t)', 'p (Holm)',
+                      'margin', 'p (TOST)', f'MDE ({POWER * 100:.0f} % power)', 'verdict'], rows), '',
+           f'Differences a - b in test accuracy points over the seeds both arms have; two-sided paired t-test; Holm '
+           f'correction within each family of this pair (comparisons per family: {sizes}). TOST: the larger p of '
+           f'the two one-sided paired t-tests against -margin and +margin (Schuirmann 1987). Verdict: different if '
+           f'p (Holm) < {ALPHA:g}, else equivalent if p (TOST) < {ALPHA:g}, else inconclusive. MDE: the true '
+           f'difference the paired t-test detects with {POWER * 100:.0f} % power at two-sided alpha {ALPHA:g}, '
+           f'(t_{1 - ALPHA / 2:g},n-1 + t_{POWER:g},n-1) x SD / sqrt(n), from the observed SD of the differences.', '']
+    return out, summary
 
 
 def format_summary(rows: Sequence[dict], tune: Sequence[str] = (), baseline: str | None = None) -> str:
@@ -194,7 +322,8 @@ def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: st
         atomic_write_json(rows, summary_json)
     if plots:
         from .plots import plot_study
-        written = plot_study(rows, {p.name: p.title for p in chosen}, {p.name: p.baseline for p in chosen},
+        arm_rows = [r for r in rows if 'arm' in r]  # not the contrasts
+        written = plot_study(arm_rows, {p.name: p.title for p in chosen}, {p.name: p.baseline for p in chosen},
                              Path(plots) / f'{study.name}.png')
         print(f'wrote {written}', file=sys.stderr)  # stdout is the tables (README, tests)
     return text

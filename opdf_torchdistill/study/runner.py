@@ -7,8 +7,11 @@
     the two-phase protocol of a study spec (:mod:`~opdf_torchdistill.study.spec`): the teachers the
     pairs name under ``prepare`` are trained (or resumed) first; then for every arm, each point of its
     grid is trained with the selection seeds and scored on validation accuracy, and the selected point
-    (:mod:`~opdf_torchdistill.study.selection`) is trained with the final seeds. Resumable across
-    sessions; ``jobs=2`` trains two runs at a time (one subprocess each, the spec's ``threads`` each).
+    (:mod:`~opdf_torchdistill.study.selection`) is trained with the final seeds. With an edge rule or
+    arms that inherit, the selection runs come in rounds (grid, edge extensions, the grids of arms that
+    inherit a selected setting), each planned from the records when the previous one is done.
+    Resumable across sessions; ``jobs=2`` trains two runs at a time (one subprocess each, the spec's
+    ``threads`` each).
 
 **How a run is trained.** The runner drives the trainer only through its command line (``opdf-train``'s
 arguments, built here as a list): with ``jobs > 1`` or ``isolate`` as ``python -m
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._format import short_overrides
+from ._format import short_key, short_overrides
 from .records import RunIdentity, append_record, canonical, load_records, read_config_data, record_finder, run_identity
 from .selection import select_settings
 from .spec import Arm, Pair, Study, StudyError, pick_pairs
@@ -256,8 +259,13 @@ def run_ablation(configs: Sequence[str], seeds: Sequence[int], grid: Sequence[di
 # Studies: teachers, selection on validation, then seeds at the selected setting
 # ----------------------------------------------------------------------------------------------
 def study_plan(study: Study, pair: Pair, records: Sequence[dict]) -> dict:
-    """Tasks of a pair: ``select`` (all), ``final`` (arms whose selection is complete), the selection,
-    and ``unplanned`` (arms still selecting: their final runs, counted for the ETA)."""
+    """What a pair's records let run now (:func:`~opdf_torchdistill.study.selection.select_settings`).
+
+    ``select``: the selection tasks planned (every point of the arms not waiting, edge extensions once
+    decided); ``final``: the final tasks of the arms with a selected setting; ``selection``: per arm;
+    ``waiting``: arm names, one per selection run not plannable yet (an arm waiting for the setting
+    it inherits); ``unplanned``: one per final run of an arm not selected yet (both for the ETA);
+    ``done``: the keys of the planned tasks that have a record."""
     cache: dict[str, RunIdentity] = {}
 
     def ident(arm: Arm, overrides: dict, seed: int) -> RunIdentity:
@@ -266,14 +274,19 @@ def study_plan(study: Study, pair: Pair, records: Sequence[dict]) -> dict:
             cache[memo] = run_identity(arm.config, seed, overrides, study.device, arm.name)
         return cache[memo]
 
-    select = [Task(arm.config, s, {**pair.fixed, **point}, ident(arm, {**pair.fixed, **point}, s), pair.records,
-                   {'pair': pair.name, 'phase': 'select'})
-              for arm in pair.arms for point in arm.grid for s in pair.select_seeds]
     find = record_finder(records, 'key')
     selection = select_settings(pair, find, ident)
-    final, unplanned = [], []
+    select, final, waiting, unplanned = [], [], [], []
     for arm in pair.arms:
-        chosen = selection[arm.name]['selected']
+        sel = selection[arm.name]
+        if sel['state'] == 'waiting':
+            waiting += [arm.name] * (len(sel['points']) * len(pair.select_seeds))
+        else:
+            for entry in sel['points']:
+                overrides = {**pair.fixed, **entry['point']}
+                select += [Task(arm.config, s, overrides, ident(arm, overrides, s), pair.records,
+                                {'pair': pair.name, 'phase': 'select'}) for s in pair.select_seeds]
+        chosen = sel['selected']
         if chosen is None:
             unplanned += [arm.name] * len(pair.seeds)
             continue
@@ -281,7 +294,49 @@ def study_plan(study: Study, pair: Pair, records: Sequence[dict]) -> dict:
         final += [Task(arm.config, s, overrides, ident(arm, overrides, s), pair.records,
                        {'pair': pair.name, 'phase': 'final'}) for s in pair.seeds]
     done = {t.identity.key for t in select + final if find(t.identity.name, t.overrides, t.seed, t.identity)}
-    return {'select': select, 'final': final, 'selection': selection, 'unplanned': unplanned, 'done': done}
+    return {'select': select, 'final': final, 'selection': selection, 'waiting': waiting, 'unplanned': unplanned,
+            'done': done}
+
+
+def _arm_lines(study: Study, pair: Pair, plan: dict) -> list[str]:
+    """One line per arm of a plan: where its selection stands and what its final runs wait for."""
+    lines = []
+    n_sel = len(pair.select_seeds)
+    for arm in pair.arms:
+        sel = plan['selection'][arm.name]
+        tasks = [t for t in plan['select'] if t.identity.name == arm.name]
+        togo = sum(1 for t in tasks if t.identity.key not in plan['done'])
+        points = f'{len(arm.grid)} point{"s" if len(arm.grid) != 1 else ""} x {n_sel} seed{"s" if n_sel != 1 else ""}'
+        own = (' x '.join(f'{study.labels.get(k, short_key(k))} ({len(arm.values[k])})' for k in arm.axes)
+               + f' = {points}') if arm.axes else ''
+        source = arm.inherit
+        keys = ', '.join(study.labels.get(k, short_key(k)) for k in pair.inherited_axes(arm)) if source else ''
+        state = sel['state']
+        if state == 'waiting':
+            text = (f'waiting for {source}\'s selected setting ({keys}); then '
+                    + (f'selection {own} = {len(arm.grid) * n_sel} runs' if arm.axes else 'no tuning of its own'))
+        elif source and not arm.axes:
+            text = f'runs {source}\'s setting {short_overrides(sel["selected"], study.labels)} (no tuning of its own)'
+        else:
+            prefix = (f'at {source}\'s {short_overrides(sel["inherited"], study.labels)}, ' if source else '')
+            text = f'{prefix}selection {own or "1 point (no grid)"}: {len(tasks)} runs ({togo} to go)'
+            if sel['extensions']:
+                text += ('; edge extension ' + '; '.join(short_overrides(e['own'], study.labels)
+                                                          for e in sel['extensions']))
+            if state == 'selecting' and pair.edge_rule == 'extend_once' and arm.axes:
+                text += '; edge extensions decided when the grid is done'
+            if state == 'selected':
+                text += (f'; selected {short_overrides(sel["selected"], study.labels)}'
+                         + (' (edge)' if sel['edge'] else ''))
+            elif state == 'diverged':
+                text += '; every point has a diverged seed: nothing selected'
+        finals = [t for t in plan['final'] if t.identity.name == arm.name]
+        if finals:
+            text += f'; final {len(finals)} runs ({sum(1 for t in finals if t.identity.key not in plan["done"])} to go)'
+        else:
+            text += f'; final {len(pair.seeds)} runs waiting'
+        lines.append(f'    {arm.name}: {text}')
+    return lines
 
 
 def _total_epochs(config: dict) -> int | None:
@@ -385,7 +440,12 @@ def prepare_teachers(configs: Sequence[str], device: str, threads: int | None = 
 
 def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'all', jobs: int = 1,
               dry_run: bool = False, stream=None) -> None:
-    """Prepare the teachers, then per pair: selection runs, selection, final runs (see the module docstring)."""
+    """Prepare the teachers, then per pair, until nothing is left that can run: the selection runs
+    planned (the grid; then edge extensions and the selection of arms that inherit, as they become
+    known), then the final runs of the selected arms (see the module docstring). ``phase``: ``select``
+    runs only selection runs, ``final`` only final runs. A run that fails is not tried again in the same
+    call (the next ``study`` retries it); everything is planned from the records, so an interrupted
+    study continues where it stopped."""
     stream = stream if stream is not None else sys.stdout
     chosen = pick_pairs(study, pairs)
     if not dry_run:
@@ -393,49 +453,66 @@ def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'al
         prepare_teachers(teachers, study.device, study.threads, jobs)
     plans = {pair.name: study_plan(study, pair, load_records(pair.records)) for pair in chosen}
     all_records = [r for pair in chosen for r in load_records(pair.records)]
+    attempted: set[str] = set()  # keys tried in this call (a failed run is not retried until the next)
 
-    def remaining(after: str | None = None) -> list[str]:
+    def todo(plan: dict, step: str) -> list[Task]:
+        return [t for t in plan[step] if t.identity.key not in plan['done'] and t.identity.key not in attempted]
+
+    def remaining() -> list[str]:
         """Names of the runs not done yet (for the ETA), in the phases asked for."""
         names = []
         for pair in chosen:
             plan = plans[pair.name]
-            todo = [t for t in plan['select'] if t.identity.key not in plan['done']] if phase != 'final' else []
+            if phase != 'final':
+                names += [t.identity.name for t in todo(plan, 'select')] + plan['waiting']
             if phase != 'select':
-                todo += [t for t in plan['final'] if t.identity.key not in plan['done']]
-            names += [t.identity.name for t in todo]
-            if phase != 'select':
-                names += plan['unplanned']
+                names += [t.identity.name for t in todo(plan, 'final')] + plan['unplanned']
         return names
 
-    total_planned = sum(len(p['select']) * (phase != 'final') + (len(p['final']) + len(p['unplanned'])) *
-                        (phase != 'select') for p in plans.values())
+    total_planned = sum((len(p['select']) + len(p['waiting'])) * (phase != 'final')
+                        + (len(p['final']) + len(p['unplanned'])) * (phase != 'select') for p in plans.values())
     rest = remaining()
     progress = Progress(total_planned, total_planned - len(rest), _times_by_name(all_records), stream, jobs)
     print(f'study {study.name} ({study.path}), pairs {[p.name for p in chosen]}, phase {phase}: '
           f'{progress.line(rest)}', file=stream, flush=True)
     for pair in chosen:
         plan = plans[pair.name]
-        n_select = sum(1 for t in plan['select'] if t.identity.key not in plan['done'])
-        print(f'  {pair.name}: {len(pair.arms)} arms, selection {len(plan["select"])} runs ({n_select} to go), '
-              f'final {len(pair.arms) * len(pair.seeds)} runs; records {pair.records}', file=stream, flush=True)
+        n_select = len(todo(plan, 'select'))
+        n_final = len(todo(plan, 'final'))
+        print(f'  {pair.name}: {len(pair.arms)} arms, selection {len(plan["select"])} runs planned ({n_select} to go)'
+              + (f' + {len(plan["waiting"])} waiting' if plan['waiting'] else '')
+              + f', final {len(plan["final"])} runs planned ({n_final} to go)'
+              + (f' + {len(plan["unplanned"])} waiting' if plan['unplanned'] else '')
+              + (f', edge rule {pair.edge_rule}' if pair.edge_rule != 'none' else '')
+              + f'; records {pair.records}', file=stream, flush=True)
+        for line in _arm_lines(study, pair, plan):
+            print(line, file=stream, flush=True)
     if dry_run:
+        for config in dict.fromkeys(c for pair in chosen for c in pair.prepare):
+            state, dst = teacher_state(config)
+            print(f'  teacher {config}: ' + {'done': f'{dst} exists (reused)', 'resume': f'{dst} unfinished (resumed)',
+                                              'missing': f'{dst} missing (trained first)'}[state],
+                  file=stream, flush=True)
         return
     for pair in chosen:
         workdir = study.workdir / pair.name
-        for step in ('select', 'final'):
-            if phase not in ('all', step):
-                continue
+        while True:  # selection (grid, extensions, inherited), re-planned after each batch; then finals
             plan = plans[pair.name] = study_plan(study, pair, load_records(pair.records))
-            todo = [t for t in plan[step] if t.identity.key not in plan['done']]
-            if step == 'final':
-                waiting = [a for a, s in plan['selection'].items() if s['selected'] is None]
-                if waiting:
-                    print(f'{pair.name}: no selected setting yet for {waiting} (selection runs missing, or every '
-                          f'grid point diverged); their final runs wait', file=stream, flush=True)
+            batch = todo(plan, 'select') if phase != 'final' else []
+            if not batch and phase != 'select':
+                batch = todo(plan, 'final')
+            if not batch:
+                break
+            attempted.update(t.identity.key for t in batch)
             later = remaining()
-            progress.total = progress.done + len(later)
-            for task in todo:  # what comes after this batch: the remaining runs minus the batch itself
-                later.remove(task.identity.name)
-            run_tasks(todo, study.device, workdir, progress, jobs, study.threads, later=later)
-            plans[pair.name] = study_plan(study, pair, load_records(pair.records))
+            progress.total = progress.done + len(later) + len(batch)
+            run_tasks(batch, study.device, workdir, progress, jobs, study.threads, later=later)
+        plans[pair.name] = plan = study_plan(study, pair, load_records(pair.records))
+        unselected = {a: s for a, s in plan['selection'].items() if s['selected'] is None}
+        if unselected and phase != 'select':
+            why = {'waiting': 'waits for the arm it inherits from', 'diverged': 'every grid point diverged',
+                   'selecting': 'selection runs missing (failed runs are retried by the next study)',
+                   'extending': 'edge extension runs missing (failed runs are retried by the next study)'}
+            print(f'{pair.name}: no selected setting yet, final runs wait: '
+                  + '; '.join(f'{a} ({why[s["state"]]})' for a, s in unselected.items()), file=stream, flush=True)
     print(f'study {study.name}: {progress.line(remaining())}', file=stream, flush=True)

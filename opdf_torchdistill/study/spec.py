@@ -4,13 +4,41 @@ A spec holds, at the top level, ``study`` (its name), ``pairs``, ``seeds`` (the 
 ``select_seeds`` (the seeds of the selection runs), and optionally ``description``, ``workdir``
 (checkpoints of runs in flight, default ``runs/STUDY/ablation``), ``device``, ``threads`` (torch threads
 per run), ``baseline`` (the arm every other arm is compared with), ``select_metric`` (only
-``best_val_acc1``) and ``labels`` (short column names of override keys). Keys starting with ``x-`` are
-free (for YAML anchors).
+``best_val_acc1``), ``labels`` (short column names of override keys) and ``edge_rule`` (below). Keys
+starting with ``x-`` are free (for YAML anchors).
 
-Each pair has ``records`` (its JSON-lines record file), ``arms`` (``name: {config, grid, title}``; a
-grid maps override keys to lists of values, and its points are their cross product in order), and
-optionally ``title``, ``prepare`` (configs trained once first, e.g. the teacher), ``fixed`` (overrides
-of every run), ``select_seeds``, ``seeds`` and ``baseline`` (overriding the top level's).
+Each pair has ``records`` (its JSON-lines record file), ``arms`` (``name: {config, grid, title,
+inherit}``; a grid maps override keys to lists of values, and its points are their cross product in
+order), and optionally ``title``, ``prepare`` (configs trained once first, e.g. the teacher), ``fixed``
+(overrides of every run), ``select_seeds``, ``seeds`` and ``baseline`` (overriding the top level's) and
+``contrasts`` (below).
+
+Selection (:mod:`~opdf_torchdistill.study.selection`): every grid point of an arm runs at every
+selection seed; the point with the highest *mean* validation accuracy over them wins (ties: the first
+in grid order; a point with a diverged seed is never chosen).
+
+``edge_rule``: ``none`` (the default) or ``extend_once``. With ``extend_once``, when an arm's winner
+sits at the lowest or highest value of a numeric grid key, one more point beyond that end is run at
+the selection seeds (a geometric step: the ratio of the two grid values at that end, e.g.
+``[0.025, ..., 0.4]`` -> ``0.0125`` or ``0.8``; integer grids stay integers; floats are rounded to 6
+significant digits), before any final run of that arm, and the selection is made again over the
+grid and its extensions. For an arm with several grid keys each key whose winning value sits at an
+end gets its own extra point, the other keys held at the winner's values. An arm and key is
+extended at most once (an extension is decided from the grid's own points only). Keys whose values
+are not numbers, or whose two end values do not define a ratio (a zero, a change of sign), are not
+extended. Which points are extensions follows from the spec and the records (no record field says so).
+
+``inherit: OTHER_ARM`` (an arm of the same pair): the arm's runs use OTHER_ARM's *selected* setting
+(all its grid keys and values, including what OTHER_ARM inherited itself) plus the arm's own
+``grid``, which may not repeat an inherited key. Its selection waits until OTHER_ARM has a selected
+setting; without a grid of its own it is not tuned at all and its final runs use the inherited
+setting. Unknown arms and cycles are errors.
+
+``contrasts``: a list of ``{name, arms: [a, b], family, margin}`` (``margin`` optional, a positive
+number in accuracy points): the pre-registered comparisons ``a - b`` of the report
+(:mod:`~opdf_torchdistill.study.report`), paired over the test seeds, Holm-corrected within the
+``family`` (a free string, e.g. ``primary`` or ``check``) of the pair; with a margin the TOST
+equivalence test is reported too. Names are unique within a pair, and both arms must be arms of it.
 
 Selection seeds and test seeds must be disjoint in every pair. Paths are relative to the working
 directory (the repository root). :func:`load_study` checks all of this and raises :class:`StudyError`
@@ -20,19 +48,21 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ['StudyError', 'Arm', 'Pair', 'Study', 'load_study', 'pick_pairs']
+__all__ = ['StudyError', 'Arm', 'Contrast', 'Pair', 'Study', 'EDGE_RULES', 'load_study', 'pick_pairs']
 
 _STUDY_KEYS = {'study', 'description', 'workdir', 'device', 'threads', 'baseline', 'select_seeds', 'seeds',
-               'select_metric', 'labels', 'pairs'}
-_PAIR_KEYS = {'title', 'records', 'prepare', 'fixed', 'arms', 'select_seeds', 'seeds', 'baseline'}
-_ARM_KEYS = {'config', 'grid', 'title'}
+               'select_metric', 'labels', 'pairs', 'edge_rule'}
+_PAIR_KEYS = {'title', 'records', 'prepare', 'fixed', 'arms', 'select_seeds', 'seeds', 'baseline', 'contrasts'}
+_ARM_KEYS = {'config', 'grid', 'title', 'inherit'}
+_CONTRAST_KEYS = {'name', 'arms', 'family', 'margin'}
 _METRICS = ('best_val_acc1',)
+EDGE_RULES = ('none', 'extend_once')
 
 
 class StudyError(ValueError):
@@ -43,9 +73,20 @@ class StudyError(ValueError):
 class Arm:
     name: str
     config: str
-    grid: list[dict]  # grid points in order (the cross product of the grid's axes)
+    grid: list[dict]  # its own grid points in order (the cross product of the grid's axes)
     axes: list[str]
     title: str = ''
+    inherit: str | None = None  # the arm whose selected setting this arm's runs start from
+    values: dict = field(default_factory=dict)  # its own grid: key -> values, in order
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A pre-registered comparison ``arms[0] - arms[1]`` over the test seeds."""
+    name: str
+    arms: tuple
+    family: str
+    margin: float | None = None
 
 
 @dataclass
@@ -59,6 +100,18 @@ class Pair:
     select_seeds: list[int]
     seeds: list[int]
     baseline: str
+    contrasts: list = field(default_factory=list)  # Contrast, in the spec's order
+    edge_rule: str = 'none'  # the study's
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+    def inherited_axes(self, arm: Arm) -> list[str]:
+        """The grid keys an arm inherits (its source's, and what its source inherits), in order."""
+        if arm.inherit is None:
+            return []
+        source = self.arm(arm.inherit)
+        return list(dict.fromkeys(self.inherited_axes(source) + list(source.axes)))
 
 
 @dataclass
@@ -70,6 +123,7 @@ class Study:
     threads: int | None
     labels: dict
     pairs: list[Pair]
+    edge_rule: str = 'none'
 
 
 def _seeds(value: Any, where: str) -> list[int]:
@@ -96,6 +150,74 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return f'{where}: not valid YAML: {" ".join(what.split())}'
 
 
+def _check_inheritance(where: str, arms: Sequence[Arm]) -> None:
+    """``inherit`` names another arm of the pair, without cycles, and an arm's own grid repeats no key it inherits."""
+    by_name = {a.name: a for a in arms}
+    for arm in arms:
+        if arm.inherit is None:
+            continue
+        if arm.inherit == arm.name or arm.inherit not in by_name:
+            others = [a.name for a in arms if a.name != arm.name]
+            raise StudyError(f'{where}.arms.{arm.name}.inherit: {arm.inherit!r} is not another arm of the pair '
+                             f'(arms: {others})')
+        chain, current = [arm.name], arm
+        while current.inherit is not None:
+            current = by_name[current.inherit]
+            if current.name in chain:
+                cycle = ' -> '.join(chain[chain.index(current.name):] + [current.name])
+                raise StudyError(f'{where}.arms.{arm.name}.inherit: an inheritance cycle ({cycle})')
+            chain.append(current.name)
+    for arm in arms:
+        inherited, source = {}, arm
+        while source.inherit is not None:
+            source = by_name[source.inherit]
+            inherited.update({k: source.name for k in source.axes if k not in inherited})
+        repeated = [k for k in arm.axes if k in inherited]
+        if repeated:
+            raise StudyError(f'{where}.arms.{arm.name}.grid: {repeated} {"is" if len(repeated) == 1 else "are"} '
+                             f'inherited (from {sorted({inherited[k] for k in repeated})}); an inheriting arm '
+                             f'tunes only keys its source does not set')
+
+
+def _contrasts(where: str, given: Any, arm_names: Sequence[str]) -> list[Contrast]:
+    """A pair's ``contrasts``: ``{name, arms: [a, b], family, margin}`` each, names unique, arms of the pair."""
+    if given is None:
+        return []
+    if not isinstance(given, list):
+        raise StudyError(f'{where}.contrasts must be a list of {{name, arms: [a, b], family, margin}}, got {given!r}')
+    out, names = [], set()
+    for i, c in enumerate(given):
+        w = f'{where}.contrasts[{i}]'
+        if not isinstance(c, dict):
+            raise StudyError(f'{w} must be a mapping {{name, arms: [a, b], family, margin}}, got {c!r}')
+        _unknown(w, c, _CONTRAST_KEYS)
+        missing = [k for k in ('name', 'arms', 'family') if k not in c]
+        if missing:
+            raise StudyError(f'{w}: missing {missing} (a contrast has name, arms: [a, b], family and optionally '
+                             f'margin)')
+        name, pair_arms, family, margin = c['name'], c['arms'], c['family'], c.get('margin')
+        if not isinstance(name, str) or not name.strip():
+            raise StudyError(f'{w}.name must be a non-empty string, got {name!r}')
+        if name in names:
+            raise StudyError(f'{w}.name: {name!r} names two contrasts of the pair')
+        names.add(name)
+        if (not isinstance(pair_arms, list) or len(pair_arms) != 2 or pair_arms[0] == pair_arms[1]
+                or not all(isinstance(a, str) for a in pair_arms)):
+            raise StudyError(f'{w}.arms must be two different arm names [a, b] (the contrast is a - b), '
+                             f'got {pair_arms!r}')
+        unknown = [a for a in pair_arms if a not in arm_names]
+        if unknown:
+            raise StudyError(f'{w}.arms: {unknown} {"is not an arm" if len(unknown) == 1 else "are not arms"} of '
+                             f'the pair (arms: {list(arm_names)})')
+        if not isinstance(family, str) or not family.strip():
+            raise StudyError(f'{w}.family must be a non-empty string (e.g. primary or check), got {family!r}')
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not 0 < margin < float('inf')):
+            raise StudyError(f'{w}.margin must be a positive number (accuracy points), got {margin!r}')
+        out.append(Contrast(name, tuple(pair_arms), family, None if margin is None else float(margin)))
+    return out
+
+
 def load_study(path: str | os.PathLike) -> Study:
     """Read and check a study spec (YAML; paths relative to the working directory, the repository root)."""
     path = Path(path)
@@ -114,6 +236,9 @@ def load_study(path: str | os.PathLike) -> Study:
     if spec.get('select_metric', 'best_val_acc1') not in _METRICS:
         raise StudyError(f'{path}: select_metric must be one of {list(_METRICS)}')
     seeds, select_seeds = _seeds(spec['seeds'], f'{path}: seeds'), _seeds(spec['select_seeds'], f'{path}: select_seeds')
+    edge_rule = spec.get('edge_rule', 'none')
+    if edge_rule not in EDGE_RULES:
+        raise StudyError(f'{path}: edge_rule must be one of {list(EDGE_RULES)}, got {edge_rule!r}')
     if not isinstance(spec['pairs'], dict) or not spec['pairs']:
         raise StudyError(f'{path}: pairs must be a non-empty mapping of pair name -> pair')
     pairs = []
@@ -139,7 +264,12 @@ def load_study(path: str | os.PathLike) -> Study:
                 raise StudyError(f'{w}.grid must map override keys to non-empty lists of values, got {grid!r}')
             axes = list(grid)
             points = [dict(zip(axes, combo)) for combo in itertools.product(*(grid[k] for k in axes))]
-            arms.append(Arm(str(arm_name), str(a['config']), points, axes, str(a.get('title', ''))))
+            inherit = a.get('inherit')
+            if inherit is not None and not isinstance(inherit, str):
+                raise StudyError(f'{w}.inherit must name another arm of the pair, got {inherit!r}')
+            arms.append(Arm(str(arm_name), str(a['config']), points, axes, str(a.get('title', '')), inherit,
+                            {k: list(v) for k, v in grid.items()}))
+        _check_inheritance(where, arms)
         baseline = p.get('baseline', spec.get('baseline'))
         if baseline is not None and baseline not in [a.name for a in arms]:
             raise StudyError(f'{where}: baseline {baseline!r} is not an arm (arms: {[a.name for a in arms]})')
@@ -155,13 +285,14 @@ def load_study(path: str | os.PathLike) -> Study:
             raise StudyError(f'{where}: select_seeds {pair_select} and seeds {pair_seeds} share {overlap}; selection '
                              f'seeds must be disjoint from the test seeds (a seed that chose a setting would also '
                              f'score it)')
+        contrasts = _contrasts(where, p.get('contrasts'), [a.name for a in arms])
         pairs.append(Pair(str(pair_name), str(p.get('title', pair_name)), Path(p['records']), prepare, fixed, arms,
-                          pair_select, pair_seeds, baseline))
+                          pair_select, pair_seeds, baseline, contrasts, edge_rule))
     threads = spec.get('threads')
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise StudyError(f'{path}: threads must be a positive integer, got {threads!r}')
     return Study(str(spec['study']), path, Path(spec.get('workdir', f'runs/{spec["study"]}/ablation')),
-                 str(spec.get('device', 'cpu')), threads, dict(spec.get('labels') or {}), pairs)
+                 str(spec.get('device', 'cpu')), threads, dict(spec.get('labels') or {}), pairs, edge_rule)
 
 
 def pick_pairs(study: Study, names: Sequence[str] | None) -> list[Pair]:

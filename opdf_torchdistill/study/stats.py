@@ -1,9 +1,19 @@
 """Statistics of records: means with 95 % t-intervals, paired differences over seeds, Holm's correction,
-and the per-config summary of an ablation (``report --out``).
+pre-registered contrasts (equivalence tests, detectable effects, verdicts), and the per-config summary
+of an ablation (``report --out``).
 
 Every interval is the two-sided 95 % Student t interval over seeds (``mean_ci``); a comparison of two
 arms pairs their runs by seed (the same data split, initialisation and order) and uses the paired
-t-test (``paired_difference``); the p-values of a table are Holm-corrected together (``holm``).
+t-test (``paired_difference``); the p-values of a table, or of a family of contrasts, are
+Holm-corrected together (``holm``). A contrast (``contrasts``) adds the TOST equivalence test against
+a margin (``tost_paired``), the minimal detectable effect (``mde_paired``) and a verdict (``verdict``).
+
+References: S. Holm, "A simple sequentially rejective multiple test procedure", Scandinavian Journal of
+Statistics 6 (1979) 65-70. D. J. Schuirmann, "A comparison of the two one-sided tests procedure and the
+power approach for assessing the equivalence of average bioavailability", Journal of Pharmacokinetics
+and Biopharmaceutics 15 (1987) 657-680. H. S. Bloom, "Minimum detectable effects: a simple way to
+report the statistical power of experimental designs", Evaluation Review 19 (1995) 547-556 (the MDE
+as a multiple of the standard error: the sum of two t quantiles).
 """
 from __future__ import annotations
 
@@ -15,7 +25,11 @@ from typing import Iterable, Sequence
 
 from ._format import label
 
-__all__ = ['mean_ci', 'paired_difference', 'holm', 'summarize']
+__all__ = ['ALPHA', 'POWER', 'mean_ci', 'paired_difference', 'holm', 'tost_paired', 'mde_paired', 'verdict',
+           'contrasts', 'summarize']
+
+ALPHA = 0.05  # two-sided level of every test and of each TOST one-sided test
+POWER = 0.80  # of the minimal detectable effect
 
 
 def _t_quantile(df: int) -> float:
@@ -61,6 +75,82 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def _paired_diffs(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+def tost_paired(diffs: Sequence[float], margin: float) -> float:
+    """TOST p-value of equivalence within ``+-margin`` from paired differences (Schuirmann 1987).
+
+    The larger p of the two one-sided paired t-tests, H0: mean <= -margin (against mean > -margin) and
+    H0: mean >= +margin (against mean < +margin); equivalence at level alpha when it is below alpha,
+    which is when the 1 - 2 alpha (90 %) t interval of the mean difference lies inside the margins.
+    NaN with fewer than two differences; with differences all equal (no spread), 0 inside the margins
+    and 1 otherwise."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return 0.0 if -margin < mean < margin else 1.0
+    from scipy import stats
+    se = sd / math.sqrt(n)
+    p_lower = float(stats.t.sf((mean + margin) / se, n - 1))  # H0: mean <= -margin
+    p_upper = float(stats.t.cdf((mean - margin) / se, n - 1))  # H0: mean >= +margin
+    return max(p_lower, p_upper)
+
+
+def mde_paired(diffs: Sequence[float], alpha: float = ALPHA, power: float = POWER) -> float:
+    """The minimal detectable effect of a paired t-test over these differences:
+    ``(t_{1 - alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)``, with ``sd`` the observed standard deviation
+    of the differences (the true difference a two-sided test at ``alpha`` finds with probability about
+    ``power``). NaN with fewer than two differences."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    from scipy import stats
+    sd = statistics.stdev(diffs)
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+def verdict(p_holm: float, p_tost: float | None, alpha: float = ALPHA) -> str:
+    """``different`` if the Holm-adjusted p < alpha; else ``equivalent`` if the TOST p < alpha (only with
+    a margin: ``p_tost`` not ``None``); else ``inconclusive``; ``n/a`` without a test (NaN p)."""
+    if p_holm is None or math.isnan(p_holm):
+        return 'n/a'
+    if p_holm < alpha:
+        return 'different'
+    if p_tost is not None and not math.isnan(p_tost) and p_tost < alpha:
+        return 'equivalent'
+    return 'inconclusive'
+
+
+def contrasts(items: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
+    """Pre-registered contrasts ``a - b`` over the seeds both have, tested and judged.
+
+    Each item holds ``name``, ``family``, ``a`` and ``b`` (seed -> value) and ``margin`` (``None``: no
+    equivalence test). Returns, in order, each item's ``name``, ``family``, ``margin`` and ``n``,
+    ``mean``, ``sd``, ``ci95`` (half-width), ``p`` (two-sided paired t), ``p_holm`` (Holm within the
+    item's family), ``p_tost`` (``None`` without a margin), ``mde`` and ``verdict``."""
+    out = []
+    for item in items:
+        diffs = _paired_diffs(item['a'], item['b'])
+        test = paired_difference(item['a'], item['b'])
+        margin = item.get('margin')
+        out.append({'name': item['name'], 'family': item['family'], 'margin': margin, 'n': test['n'],
+                    'mean': test['mean'], 'sd': statistics.stdev(diffs) if len(diffs) >= 2 else math.nan,
+                    'ci95': test['ci95'], 'p': test['p'],
+                    'p_tost': None if margin is None else tost_paired(diffs, margin), 'mde': mde_paired(diffs)})
+    for family in dict.fromkeys(c['family'] for c in out):
+        members = [c for c in out if c['family'] == family]
+        for c, adjusted in zip(members, holm([c['p'] for c in members])):
+            c['p_holm'] = adjusted
+    for c in out:
+        c['verdict'] = verdict(c['p_holm'], c['p_tost'], alpha)
+    return out
 
 
 def _group_key(record: dict, drop: str | None = None) -> tuple:
