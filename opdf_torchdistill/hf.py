@@ -34,6 +34,7 @@ they are not registered yet, so the GLUE recipes also run under :mod:`opdf_torch
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Mapping
 
@@ -52,7 +53,7 @@ from .options import OptionError
 from .plugin.probe import attach_probe
 from .surgery import mpo_modules, overparameterize
 
-__all__ = ['opdf_hf_student', 'install_dense_state_dict', 'hf_skeleton', 'load_hf_model', 'WRAPPER_KEY']
+__all__ = ['opdf_hf_student', 'install_dense_state_dict', 'core_state_dict', 'hf_skeleton', 'load_hf_model', 'WRAPPER_KEY']
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,21 @@ def install_dense_state_dict(model: nn.Module) -> nn.Module:
     if not any(isinstance(h, _DenseStateDict) for h in model._state_dict_hooks.values()):
         model.register_state_dict_post_hook(_DenseStateDict())
     return model
+
+
+@contextlib.contextmanager
+def core_state_dict(model: nn.Module):
+    """Inside the block, ``model.state_dict()`` returns the MPO cores again (the dense post-hook of
+    :func:`install_dense_state_dict` is lifted): what an exact resume checkpoint must hold, since the
+    dense weights decompose back to other (equivalent) cores."""
+    lifted = [(key, hook) for key, hook in model._state_dict_hooks.items() if isinstance(hook, _DenseStateDict)]
+    for key, _ in lifted:
+        del model._state_dict_hooks[key]
+    try:
+        yield model
+    finally:
+        for key, hook in lifted:
+            model._state_dict_hooks[key] = hook
 
 
 # ------------------------------------------------------------------------------------------------
