@@ -7,9 +7,17 @@ with the alignment coverage. ``tools/train.py`` logs the same at its first step 
 ImageFolder/CIFAR datasets for FakeData and drops pretrained weights and checkpoints (random
 teachers: the KD term's scale then differs from a trained teacher's).
 
+Hugging Face (GLUE) recipes, those of :mod:`opdf_torchdistill.cli.glue` and torchdistill's HF example,
+are recognised by their ``model_kwargs``: teacher and student are built as ``opdf-glue`` builds them
+(``from_pretrained``, the ``opdf_hf_student`` wrapper; the example's ``custom`` dependency is served by
+:mod:`opdf_torchdistill.hf` when it is not importable) and the first batch of the training set is
+used. They need local models and data (``--set``; ``--miniature`` is for image recipes).
+
 Examples::
 
     python tools/grad_norms.py --config configs/digits/kd_opdf.yaml
+    python tools/grad_norms.py --config configs/glue/rte/opdf-kd-bert6_from_bert_base_uncased.yaml \
+        --set datasets.glue.raw_data_kwargs.train_file_path=rte/train.csv ...   # local models and data
     python tools/grad_norms.py --config configs/ilsvrc2012/opdf-kd-resnet18_from_resnet34.yaml --miniature \\
         --batch_size 16 --set train.criterion.kwargs.sub_terms.opdf.criterion.kwargs.reduction=paper --json out.json
 """
@@ -38,6 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch_size', type=int, help='training batch size (default: the recipe\'s; 4 with --miniature)')
     p.add_argument('--seed', type=int, default=0, help='torch seed for model init and data order')
     p.add_argument('--device', default='cpu')
+    p.add_argument('--task_name', help='GLUE recipes: the task (default: datasets.<name>.name)')
     p.add_argument('--json', help='write the measurement here')
     p.add_argument('--trust_config', action='store_true',
                    help='let the config\'s tags import and call any name (configs are code; see opdf-train)')
@@ -75,6 +84,18 @@ def main(argv=None) -> int:
     measured: dict = {}
 
     def body() -> None:
+        from .common import config_snapshot
+        from .glue import is_hf_recipe, load_glue_config, measure_first_step
+        if is_hf_recipe(config_snapshot(args.config, args.overrides)):
+            if args.miniature:
+                raise ValueError(f'{args.config}: --miniature swaps image datasets and model checkpoints; a Hugging '
+                                 f'Face (GLUE) recipe needs local models and data instead: point its model paths '
+                                 f'and raw_data_kwargs at them with --set')
+            config, _ = load_glue_config(args.config, args.overrides, args.trust_config)
+            if args.batch_size:
+                config['train']['train_data_loader']['kwargs']['batch_size'] = args.batch_size
+            measured.update(measure_first_step(config, check_device(args.device), args.seed, args.task_name))
+            return
         if args.miniature:
             batch_size = args.batch_size or 4
             config = load_miniature(args.config, size=max(8, batch_size), batch_size=batch_size)
