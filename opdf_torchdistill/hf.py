@@ -117,7 +117,20 @@ def load_hf_model(spec: Any, what: str) -> nn.Module:
     of ``from_pretrained`` kwargs (``pretrained_model_name_or_path`` required)."""
     if isinstance(spec, nn.Module):
         return spec
-    return AutoModelForSequenceClassification.from_pretrained(**_pretrained_kwargs(spec, what, 'other from_pretrained kwargs'))
+    kwargs = _pretrained_kwargs(spec, what, 'other from_pretrained kwargs')
+    return _one_line_os_error(what, kwargs, AutoModelForSequenceClassification.from_pretrained)
+
+
+def _one_line_os_error(what: str, kwargs: dict, load):
+    """``load(**kwargs)``; transformers' several-line ``OSError`` (unreachable Hub, missing folder) as
+    one line naming ``what``."""
+    try:
+        return load(**kwargs)
+    except OSError as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise OSError(f'{what}: cannot load {kwargs.get("pretrained_model_name_or_path")!r}: {first} (offline? '
+                      f'download it and point {what} at its folder)') from None
 
 
 def hf_skeleton(spec: Any, what: str = 'mpo.align_to') -> nn.Module:
@@ -125,7 +138,8 @@ def hf_skeleton(spec: Any, what: str = 'mpo.align_to') -> nn.Module:
     **config overrides}``) on the meta device: shapes only, no weights read."""
     if isinstance(spec, nn.Module):
         return spec
-    config = AutoConfig.from_pretrained(**_pretrained_kwargs(spec, what, 'config overrides such as num_labels'))
+    config = _one_line_os_error(what, _pretrained_kwargs(spec, what, 'config overrides such as num_labels'),
+                                AutoConfig.from_pretrained)
     with torch.device('meta'):
         return AutoModelForSequenceClassification.from_config(config)
 

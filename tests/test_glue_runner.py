@@ -138,6 +138,15 @@ def test_outputs_are_guarded(hub, tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_a_missing_model_folder_is_one_line_naming_the_key(hub, tmp_path, capsys):
+    missing = tmp_path / 'models' / 'bert-base-uncased-rte'
+    argv = _argv(hub, tmp_path) + ['--set', f'models.teacher_model.config_kwargs.pretrained_model_name_or_path={missing}']
+    assert glue.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: models.teacher_model.config_kwargs.pretrained_model_name_or_'
+                                                    f'path: cannot load {str(missing)!r}')
+
+
 def test_submission_files_of_every_task_follow_the_glue_benchmark():
     from torchdistill.common import yaml_util
     expected = {'cola': ['CoLA.tsv'], 'sst2': ['SST-2.tsv'], 'mrpc': ['MRPC.tsv'], 'stsb': ['STS-B.tsv'],

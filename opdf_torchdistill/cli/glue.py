@@ -309,18 +309,32 @@ def customize_lr_config(config: dict, dataset_dict: Mapping, world_size: int = 1
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+def hf_load(what: str, load, **kwargs):
+    """``load(**kwargs)`` (a ``from_pretrained``), with an unreachable or missing model (transformers'
+    several-line ``OSError``) as one line naming ``what`` (the config key) and the path."""
+    try:
+        return load(**kwargs)
+    except OSError as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise OSError(f'{what}: cannot load {kwargs.get("pretrained_model_name_or_path")!r}: {first} (offline? download '
+                      f'it and point {what} at its folder)') from None
+
+
 def load_tokenizer_and_model(model_config: Mapping, task_name: str | None, prioritizes_dst_ckpt: bool = False,
-                             strict: bool = False):
+                             strict: bool = False, role: str = 'models.student_model'):
     """As the example's: config, tokenizer and model from ``from_pretrained`` kwargs; ``dst_ckpt``
     (when it exists and ``prioritizes_dst_ckpt``) or ``src_ckpt`` replaces the model's path. With
-    ``strict``, any missing, unexpected or mismatched key is an error."""
+    ``strict``, any missing, unexpected or mismatched key is an error. Errors name ``role``'s keys."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     config_kwargs = dict(model_config['config_kwargs'])
     if model_config.get('num_labels') is not None and 'num_labels' not in config_kwargs:
         # the official STS-B and MNLI recipes give num_labels next to config_kwargs, not in them
         config_kwargs['num_labels'] = model_config['num_labels']
-    config = AutoConfig.from_pretrained(**config_kwargs, finetuning_task=task_name)
-    tokenizer = AutoTokenizer.from_pretrained(**model_config['tokenizer_kwargs'])
+    config = hf_load(f'{role}.config_kwargs.pretrained_model_name_or_path', AutoConfig.from_pretrained,
+                     **config_kwargs, finetuning_task=task_name)
+    tokenizer = hf_load(f'{role}.tokenizer_kwargs.pretrained_model_name_or_path', AutoTokenizer.from_pretrained,
+                        **model_config['tokenizer_kwargs'])
     model_kwargs = dict(model_config['model_kwargs'])
     dst, src = model_config.get('dst_ckpt'), model_config.get('src_ckpt')
     if prioritizes_dst_ckpt and dst and os.path.exists(os.path.expanduser(dst)):
@@ -329,8 +343,9 @@ def load_tokenizer_and_model(model_config: Mapping, task_name: str | None, prior
         if not os.path.exists(os.path.expanduser(src)):
             raise FileNotFoundError(f'src_ckpt {src!r} does not exist')
         model_kwargs['pretrained_model_name_or_path'] = os.path.expanduser(src)
-    model, info = AutoModelForSequenceClassification.from_pretrained(config=config, output_loading_info=True,
-                                                                    **model_kwargs)
+    model, info = hf_load(f'{role}.model_kwargs.pretrained_model_name_or_path',
+                          AutoModelForSequenceClassification.from_pretrained, config=config, output_loading_info=True,
+                          **model_kwargs)
     bad = {k: sorted(v) for k, v in info.items() if k != 'error_msgs' and v}
     if strict and (bad or info.get('error_msgs')):
         raise RuntimeError(f'{model_kwargs["pretrained_model_name_or_path"]}: not a plain checkpoint of this model: '
@@ -432,8 +447,10 @@ def prepare(config: dict, task_name: str | None, used_ids: set[str] | None, worl
     models_config = config['models']
     teacher_config = models_config.get('teacher_model')
     student_config = models_config['student_model'] if 'student_model' in models_config else models_config['model']
-    teacher = None if teacher_config is None else load_tokenizer_and_model(teacher_config, task, True)[1]
-    tokenizer, student = load_tokenizer_and_model(student_config, task, False)
+    teacher = None if teacher_config is None else \
+        load_tokenizer_and_model(teacher_config, task, True, role='models.teacher_model')[1]
+    tokenizer, student = load_tokenizer_and_model(student_config, task, False,
+                                                  role='models.student_model' if 'student_model' in models_config else 'models.model')
     dataset_dict = get_all_datasets(config['datasets'], task, tokenizer, used_ids)
     customize_lr_config(config, dataset_dict, world_size)
     register_collate_func(DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of))
