@@ -327,3 +327,24 @@ def test_inspect_takes_hf_folders_config_files_classes_and_timm_names(hub, tmp_p
         assert inspect_cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith('error: ') and err.count('\n') == 1 and match in err, (argv, err)
+
+
+def test_the_evaluate_stand_in_for_the_stock_script(monkeypatch):
+    """``tools/hf_example/evaluate.py``: ``evaluate.load('glue', task)`` as torchdistill's script uses it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('evaluate_stand_in', ROOT / 'tools' / 'hf_example' / 'evaluate.py')
+    stand_in = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stand_in)
+    metric = stand_in.load('glue', 'mrpc')
+    metric.add_batch(predictions=torch.tensor([1, 0]), references=torch.tensor([1, 1]))
+    metric.add_batch(predictions=torch.tensor([1, 0]), references=torch.tensor([0, 0]))
+    assert metric.compute() == pytest.approx(glue.glue_metrics('mrpc', [1, 0, 1, 0], [1, 1, 0, 0]))
+    assert metric.compute(predictions=[1], references=[1]) == {'accuracy': 1.0, 'f1': 1.0}  # compute resets
+    monkeypatch.setenv('GLUE_TASK', 'stsb')
+    stsb = stand_in.load('glue', None)
+    stsb.add_batch(predictions=torch.tensor(0.5), references=torch.tensor(1.0))  # a batch of one: squeeze() -> 0-d
+    stsb.add_batch(predictions=torch.tensor([0.1, 0.9]), references=torch.tensor([2.0, 3.0]))
+    assert set(stsb.compute()) == {'pearson', 'spearmanr'}
+    monkeypatch.delenv('GLUE_TASK')
+    with pytest.raises(ValueError, match='GLUE_TASK'):
+        stand_in.load('glue', None)
