@@ -172,7 +172,7 @@ def test_init_map_errors_name_the_key():
 # Fashion-MNIST ViT: the Theseus recipes vs the committed 'odd' ones (random teacher, tiny data)
 # ------------------------------------------------------------------------------------------------
 FASHION = ROOT / 'configs' / 'fashion'
-THESEUS_ARMS = ('ce', 'kd', 'kd_mpo', 'kd_opdf', 'kd_opdf_random')
+THESEUS_ARMS = ('ce', 'kd', 'kd_split', 'kd_mpo', 'kd_opdf', 'kd_opdf_random')
 
 
 def _plain_yaml(path):
@@ -201,9 +201,20 @@ def test_theseus_recipes_mirror_the_vit_pair():
         if arm == 'ce':
             assert set(terms) == {'ce'} and 'teacher_model' not in models
             continue
-        original = _plain_yaml(FASHION / 'vit' / f'{arm}.yaml')
-        assert models['teacher_model'] == original['models']['teacher_model']  # the same teacher
-        assert config['datasets'] == original['datasets'] and config['train']['optimizer'] == original['train']['optimizer']
+        original = _plain_yaml(FASHION / 'vit' / f'{arm if arm != "kd_split" else "kd"}.yaml')
+        teacher, original_teacher = dict(models['teacher_model']), dict(original['models']['teacher_model'])
+        # the same teacher model, read from the committed checkpoint of the confirmatory study
+        assert teacher.pop('src_ckpt') == student['kwargs']['teacher_ckpt'] == \
+            './docs/results/teachers/fashion_vit_teacher.pt'
+        original_teacher.pop('src_ckpt')
+        assert teacher == original_teacher and config['datasets'] == original['datasets']
+        optimizer = config['train']['optimizer']
+        if arm == 'kd_split':  # the optimizer control: the MPO arm's per-group rates on the dense student
+            mpo_optimizer = _plain_yaml(FASHION / 'vit_theseus' / 'kd_mpo.yaml')['train']['optimizer']
+            assert optimizer['kwargs'].pop('as_if_mpo') == {'num_dummy': 1} and optimizer.pop('filters_params') is False
+            assert optimizer == mpo_optimizer
+        else:
+            assert optimizer == original['train']['optimizer']
         assert ('opdf' in terms) == arm.startswith('kd_opdf')
         if 'opdf' in terms:
             kwargs = dict(terms['opdf']['criterion']['kwargs'])

@@ -569,8 +569,8 @@ def run(args: argparse.Namespace, config: dict | None = None):
     check_epochs(plain)
     _rank0_decides(lambda: _guard_outputs(args, plain, dst_ckpt))
     lock = RunLock(dst_ckpt, sys.argv) if not args.test_only and is_main_process() else None
-    if lock is not None:
-        _rank0_decides(lock.acquire)
+    if not args.test_only:  # every rank joins the decision (a collective), only rank 0 holds the lock
+        _rank0_decides(lambda: lock.acquire() if lock is not None else None)
     try:
         setup_logging(args.run_log)
         logger.info('args: %s', vars(args))
