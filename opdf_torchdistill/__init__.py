@@ -19,7 +19,7 @@ from .planning import MPOPlan
 from .report import OverparamReport
 from .surgery import clear_caches, contract, is_overparameterized, mpo_modules, overparameterize, plan
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
     'overparameterize', 'contract', 'plan', 'mpo_modules', 'is_overparameterized', 'clear_caches',

@@ -12,7 +12,7 @@ Reductions (the weight lambda is the caller's), over the aligned cores ``k`` of 
   core contributes the same O(1) amount at the start whatever its size, and the gradient on a core,
   ``2 (S - T) / ||T||^2``, depends neither on the core's number of elements nor on how many other
   cores are aligned (a mean over cores would shrink it by their number: 42 on ResNet-18). At weight
-  1 its gradient norm on the aligned cores is of the order of a KD term's (measured: the README's
+  1 its gradient norm on the aligned cores is of the order of a KD term's (measured: the alignment page's
   gradient-norm table); one SGD step closes ``2 lr lambda / ||T||^2`` of each core's distance.
 * ``'paper'``: the paper's Eq. 5 taken literally, ``mean_{l,k} mean((S_{l,k} - T_{l,k})^2)``. Its
   gradient per element is ``2 (S - T) / (numel N)``: on ResNet-18 <- ResNet-34 about 1e-6 of the KD

@@ -69,6 +69,7 @@ def forward_batch_as_kwargs(model, sample_batch, targets=None, supp_dict=None):
 
 
 def extract_transformers_loss(student_outputs, targets, **kwargs):
+    """The loss a Hugging Face model computed itself (``outputs.loss``), as torchdistill's GLUE recipes use."""
     return {'loss': student_outputs.loss}
 
 

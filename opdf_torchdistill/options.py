@@ -1,42 +1,13 @@
 """Options of :func:`~opdf_torchdistill.overparameterize`, validated with errors that name the key.
 
-Every option is a keyword argument of ``overparameterize`` and a key of the ``mpo:`` mapping of the
-``opdf_student`` model in YAML.
+Every option is a keyword argument of ``overparameterize`` / ``plan`` and a key of the ``mpo:`` mapping
+of the ``opdf_student`` model (and of ``opdf_hf_student``) in YAML. Each field of :class:`MPOConfig`
+documents itself (the attribute docstring below it); the documentation's options page is generated
+from those fields, their defaults and docstrings, so this is the one place they are written.
 
-=================  ===========================================================================
-``include``        regexes (``re.search`` on the module path); only matching modules are used.
-                   Default: every supported module.
-``exclude``        regexes; matching modules are left alone.
-``types``          module kinds to use: ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``,
-                   ``MultiheadAttention`` (subclasses included). Default: all.
-``min_numel``      skip weights with fewer elements. Default 0.
-``num_factors``    real factors per side, 1 to 8. Default 2 (``W = A D.. B``).
-``factor_order``   ``'paper'`` (default): rows and columns factored the same way, largest first, as
-                   in the paper (768 = 32 x 1^L x 24 on both sides; ratio 1 + 0.5625 (L + 1) for
-                   768 x 768). ``'largest_bond'``: factors permuted for the largest bonds (768 x 768:
-                   32 x 24 | 24 x 32, ratio 1 + (L + 1)).
-``selection``      a named selection (``include``/``exclude``/``types`` presets) from
-                   :mod:`opdf_torchdistill.selections`, e.g. ``'bert'``; explicit keys refine it.
-``num_dummy``      OPDF's scale ``L``: size-1 factor pairs inserted in the middle, each adding an
-                   ``r x r`` core initialised to the identity. Default 1.
-``target_ratio``   whole-model ratio of parameters while training to the plain model's; the planner
-                   picks each layer's bond (and ``num_dummy`` if unset) to meet it.
-``max_bond``       cap on bond dimensions (approximate, not exact: for compression studies only).
-``freeze``         ``None`` (all cores train, default), ``'central'`` or ``'auxiliary'``. Frozen
-                   cores are stored as buffers, so no optimizer, weight decay or DDP sees them.
-``overrides``      ``{regex: {...}}``: per-layer ``rows``/``cols`` (explicit factors, ``1`` for dummies),
-                   ``num_dummy``, ``num_factors``, ``max_bond`` or ``skip: true``; first match wins.
-``align_to``       a teacher ``nn.Module`` (weights not needed, ``meta`` device is fine): layers that
-                   match a teacher layer of another width get three real factors so that their
-                   auxiliary cores have the teacher's shapes (see ``planning.aligned_plans``).
-``layer_map``      explicit student -> teacher map for ``align_to``: ``'uniform'``, ``'first'``, a list
-                   or ``{i: j}`` of layer indices, or names / regex rules (``matching.resolve_match``).
-                   Default: automatic (relative depth). Not the initialisation map.
-``verify``         check every decomposition's reconstruction error. Default True.
-``tolerance``      relative error allowed by ``verify``; default by dtype (float64 1e-10,
-                   float32 1e-4, half types 1e-2).
-``workers``        decomposition threads. Default ``torch.get_num_threads()``.
-=================  ===========================================================================
+Every invalid key or value raises :class:`OptionError` naming it, the value and the valid choices
+(``unknown MPO option 'num_dumy' (did you mean 'num_dummy'?)``); patterns that match nothing are
+errors, not no-ops.
 """
 from __future__ import annotations
 
@@ -101,23 +72,64 @@ def _expand_selection(options: dict) -> dict:
 
 @dataclass
 class MPOConfig:
+    """The validated options of one ``overparameterize`` / ``plan`` call (build it with :meth:`from_options`)."""
+
     include: tuple[str, ...] = ()
+    """Regexes searched (``re.search``) in module paths, e.g. ``layer4`` or ``attention\\.self``; only
+    matching modules are used. Default (empty): every supported module."""
     exclude: tuple[str, ...] = ()
+    """Regexes searched in module paths; matching modules are left alone. Default: none."""
     types: tuple[str, ...] = tuple(SUPPORTED_TYPES)
+    """Module kinds to use: ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``, ``MultiheadAttention``
+    (subclasses included). Default: all five."""
     min_numel: int = 0
+    """Skip weights with fewer elements. Default 0."""
     num_factors: int = 2
+    """Real factors per side, 1 to 8 (``MAX_NUM_FACTORS``). Default 2 (``W = A D.. B``)."""
     factor_order: str = 'paper'
+    """``'paper'`` (default): rows and columns factored the same way, largest first, as in the paper
+    (768 = 32 x 1^L x 24 on both sides; ratio 1 + 0.5625 (L + 1) for a 768 x 768 weight, the paper's).
+    ``'largest_bond'`` (the first release's order): factors permuted for the largest bonds (768 x 768:
+    32 x 24 | 24 x 32, ratio 1 + (L + 1))."""
     selection: str | None = None
+    """A named selection from :mod:`opdf_torchdistill.selections` (presets of ``include``, ``exclude`` and
+    ``types``; keys given explicitly refine it): ``'bert'`` (Q, K, V, attention output, FFN in and out of
+    every encoder layer: the paper's Table 1), ``'tinyvit'`` (qkv, attention projection, FFN: the paper's
+    Table 2). Default: none."""
     num_dummy: int | None = None
+    """OPDF's scale L: size-1 factor pairs inserted in the middle, each adding an ``r x r`` core
+    initialised to the identity. Unset: 1 (``DEFAULT_NUM_DUMMY``), or the value ``target_ratio`` picks."""
     target_ratio: float | None = None
+    """Whole-model ratio of parameters while training to the plain model's (a number > 1); the planner
+    picks each layer's bond (and ``num_dummy`` if unset) to meet it. Unreachable ratios are errors
+    that give the reachable range. Default: none."""
     max_bond: int | None = None
+    """Cap on bond dimensions (approximate, not exact: for compression studies only). Default: none."""
     freeze: str | None = None
+    """``None`` (default: all cores train), ``'central'`` or ``'auxiliary'``: those cores become buffers,
+    so no optimizer, weight decay or DDP sees them."""
     overrides: dict[str, dict] = field(default_factory=dict)
+    """``{regex: {...}}``: per-layer ``rows``/``cols`` (explicit factors, ``1`` for dummies),
+    ``num_dummy``, ``num_factors``, ``max_bond`` or ``skip: true``; the first matching pattern wins."""
     align_to: nn.Module | None = None
+    """Plan against the teacher, so that every weight with a teacher partner is alignable whatever the
+    widths, at the same scale as without it. In Python a teacher ``nn.Module`` (weights not needed: the
+    ``meta`` device is fine); in YAML a teacher model config, e.g. ``*teacher_model`` (only its key and
+    kwargs are read, on the meta device; no weights or checkpoint), or for ``opdf_hf_student`` the
+    teacher's folder or Hub id (its config is read, no weights). Layers that match a teacher layer of
+    another width get three real factors so that their auxiliary cores have the teacher's shapes (see
+    ``planning.aligned_plans``). Default: none."""
     layer_map: Any = None
+    """The student -> teacher map ``align_to`` plans with: ``'uniform'``, ``'first'``, a list or ``{i: j}``
+    of layer indices, or names / regex rules (``matching.resolve_match``). Default: automatic (relative
+    depth). Not the initialisation map (``init_from_teacher.layer_map``)."""
     verify: bool = True
+    """Check every decomposition's reconstruction error against ``tolerance``. Default true."""
     tolerance: float | None = None
+    """Relative reconstruction error ``verify`` allows; default by dtype (float64 1e-10, float32 1e-4,
+    half types 1e-2)."""
     workers: int | None = None
+    """Decomposition threads. Default ``torch.get_num_threads()``."""
 
     DEFAULT_NUM_DUMMY = 1
     MAX_NUM_FACTORS = 8  # beyond this every extra factor is a 1 (dimensions of 2^8 and less) or planning explodes

@@ -73,6 +73,8 @@ class DigitsCNN(nn.Module):
 
 
 def digits_cnn(widths: Sequence[int] = (32, 64, 64), num_classes: int = 10, in_channels: int = 1, **kwargs) -> DigitsCNN:
+    """The digits CNN: three 3x3 convolutions (BatchNorm, ReLU) of ``widths`` channels and a linear head
+    (teacher ``(32, 64, 64)``, student ``(4, 8, 8)`` in the digits recipes)."""
     _no_extra('digits_cnn', kwargs, 'widths, num_classes, in_channels')
     return DigitsCNN(widths, num_classes, in_channels)
 
@@ -187,6 +189,8 @@ _VIT_ARGS = 'depth, dim, heads, mlp_dim, patch, image_size, num_classes, in_chan
 
 def fashion_vit(depth: int = 6, dim: int = 64, heads: int = 4, mlp_dim: int = 128, patch: int = 4,
                 image_size: int = 28, num_classes: int = 10, in_channels: int = 1, **kwargs) -> FashionViT:
+    """A small ViT for Fashion-MNIST: ``depth`` blocks of width ``dim`` with separate Q/K/V/O Linears
+    (teacher 6 blocks, student 3 in the Fashion-MNIST recipes)."""
     _no_extra('fashion_vit', kwargs, _VIT_ARGS)
     return FashionViT(depth, dim, heads, mlp_dim, patch, image_size, num_classes, in_channels)
 

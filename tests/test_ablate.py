@@ -494,7 +494,8 @@ def test_the_fashion_study_plans_every_arm(capsys):
 
 @pytest.mark.parametrize('folder', ['v0.1', '.'])
 def test_committed_digits_table_is_reproduced_from_its_records(capsys, folder):
-    """The README's digits table, byte for byte, from the committed records: the first release's
+    """The digits table (``digits_tuned.txt``, on the digits results page), byte for byte, from the committed
+    records: the first release's
     (written before config hashing, still readable) and the current one (hashed, none stale)."""
     results = ROOT / 'docs' / 'results' / folder
     records = results / 'records'
@@ -558,13 +559,15 @@ def test_prepare_resumes_an_interrupted_teacher_instead_of_reusing_its_best_chec
 
 
 def test_committed_fashion_tables_are_reproduced_from_their_records(capsys, monkeypatch):
-    """The README's Fashion-MNIST tables, byte for byte, from the committed records (none stale)."""
+    """The Fashion-MNIST tables of the results page, byte for byte, from the committed records (none stale):
+    ``docs/results/fashion.md`` is the one copy, and ``docs/results-fashion.md`` includes it as it is
+    (tests/test_docs.py checks every row in the built page)."""
     monkeypatch.chdir(ROOT)  # the spec's paths are relative to the repository root
     expected = (ROOT / 'docs' / 'results' / 'fashion.md').read_text()
     assert ablate.main(['report', '--study', str(ROOT / 'configs' / 'fashion' / 'study.yaml')]) == 0
     captured = capsys.readouterr()
     assert captured.out == expected and 'stale' not in captured.err.lower() and 'missing' not in captured.out
-    assert expected in (ROOT / 'README.md').read_text()
+    assert '\n--8<-- "docs/results/fashion.md"\n' in (ROOT / 'docs' / 'results-fashion.md').read_text()
 
 
 def test_the_study_package_does_not_import_the_command_line_layer():

@@ -253,7 +253,7 @@ def test_a_config_that_runs_code_is_refused_by_train_and_export(tmp_path, capsys
 
 
 def test_trust_config_runs_what_the_config_says(tmp_path, capsys):
-    """The guard can be turned off, and then the config is code (the README says so)."""
+    """The guard can be turned off, and then the config is code (docs/reliability.md says so)."""
     marker = tmp_path / 'ran'
     config = tmp_path / 'mine.yaml'
     config.write_text(CONFIG.read_text() + PAYLOAD.format(marker=marker))

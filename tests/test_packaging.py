@@ -90,12 +90,15 @@ def test_wheel_requires_only_what_the_plugin_imports(installed):
     for r in requires:
         if 'extra ==' in r:
             extras.setdefault(r.split('extra ==')[1].strip().strip('"\''), set()).add(_requirement_name(r))
-    assert set(meta.get_all('Provides-Extra')) == {'demo', 'study', 'hf', 'test'}
+    assert set(meta.get_all('Provides-Extra')) == {'demo', 'study', 'hf', 'docs', 'test'}
     assert extras['demo'] == {'scikit-learn'}
     assert extras['study'] == {'scikit-learn', 'scipy', 'matplotlib'}
     # the README's second command installs [test] and runs every test: it must hold the demo data too
     assert extras['hf'] == {'transformers', 'datasets', 'timm', 'safetensors'}
-    assert extras['study'] | extras['hf'] | {'tensorly', 'pytest', 'hypothesis', 'setuptools'} <= extras['test']
+    assert extras['docs'] == {'mkdocs', 'mkdocs-material', 'mkdocstrings'}
+    # the suite builds the documentation site (tests/test_docs.py)
+    suite = {'tensorly', 'pytest', 'hypothesis', 'setuptools'}
+    assert extras['study'] | extras['hf'] | extras['docs'] | suite <= extras['test']
 
 
 def _imports(tree: ast.AST):

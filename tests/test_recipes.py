@@ -51,7 +51,7 @@ def _differences(a, b, path=()):
 
 
 def _allowed(path, base, opdf) -> bool:
-    """The plugin keys and the hyper-parameters an OPDF recipe may change (see README, Recipes)."""
+    """The plugin keys and the hyper-parameters an OPDF recipe may change (docs/recipes.md)."""
     path = tuple(p for p in path if not (isinstance(p, str) and p.startswith('!')))  # through !join etc.
     if path == ('dependencies',):
         return opdf == ['opdf_torchdistill']

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The digits ablation behind the README's tables and plots (about 40 minutes on 2 CPU cores with one run
-# at a time; the parts are independent and can run in parallel shells).
+# The digits ablation behind the tables and plots of docs/results-digits.md (about 40 minutes on 2 CPU
+# cores with one run at a time; the parts are independent and can run in parallel shells).
 # Resumable: re-running skips every run already recorded in $OUT/*.jsonl (record keys hash the resolved
 # configs and the teacher's tensors, not package versions: a config edit makes the affected runs train
 # again, and `report` leaves the old records out, saying so; see opdf_torchdistill/study/records.py).

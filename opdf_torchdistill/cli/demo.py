@@ -220,7 +220,7 @@ def _main(args) -> int:
                        'lrrrr'))
     short = f" Trained {args.epochs} epoch(s) per model (--epochs), not the recipes' num_epochs." if args.epochs else ''
     print(f'\nseed {args.seed}; digits test split: {len(test)} images; total time {time.perf_counter() - start:.0f} s. '
-          f'One seed is noisy: see the README for the 10-seed ablation.{short}')
+          f'One seed is noisy: see the digits study (docs/results-digits.md) for the 10-seed ablation.{short}')
     return 0
 
 

@@ -20,7 +20,9 @@ class AuxTensorAlignmentLoss(nn.Module):
 
     Args:
         cores: ``'auxiliary'`` (default, all but the central core), ``'all'``, ``'central'`` or indices.
-        layer_map: ``{student_layer: teacher_layer}`` or ``[[regex, replacement], ...]``; default automatic.
+        layer_map: the alignment map: ``'uniform'``, ``'first'``, a list or ``{i: j}`` of layer indices,
+            ``{student_layer: teacher_layer}`` names or ``[[regex, replacement], ...]`` rules; default
+            automatic (same role, relative depth). Not the initialisation map.
         reduction: ``'relative'`` (default: the sum over aligned cores of the squared distance relative to
             the teacher core's squared norm) or ``'paper'`` (the paper's mean of per-element MSEs;
             numerically inert on real models).

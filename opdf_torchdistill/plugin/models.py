@@ -69,6 +69,9 @@ def opdf_student(base: str, mpo: Mapping[str, Any] | None = None, base_repo_or_d
     """Build ``base`` with ``kwargs`` (pretrained ``weights`` included), over-parameterize it with the
     options ``mpo`` (see :mod:`opdf_torchdistill.options`) and attach the probe ``opdf``.
 
+    ``base`` is any torchvision model, torchdistill model key, or ``torch.hub`` model with
+    ``base_repo_or_dir`` (resolved as torchdistill resolves ``models.*.key``).
+
     .. code-block:: yaml
 
         student_model:

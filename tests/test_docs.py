@@ -1,0 +1,170 @@
+"""The documentation stays true: the site builds with ``mkdocs build --strict`` (a broken link or anchor, a
+page left out of the navigation or a missing included file fails), its generated pages hold what the code
+defines (every ``mpo:`` option, every flag of every console script, every registered key), the results
+page shows the Fashion-MNIST tables the report reproduces, and the recipe diff shown in the README and on
+the recipe page is the diff between the two configs it names."""
+import difflib
+import html
+import importlib
+import os
+import re
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from conftest import ROOT
+
+DOCS = ROOT / 'docs'
+DIFF_BASE = ROOT / 'configs' / 'ilsvrc2012' / 'kd-resnet18_from_resnet34.yaml'
+DIFF_OPDF = ROOT / 'configs' / 'ilsvrc2012' / 'opdf-kd-resnet18_from_resnet34.yaml'
+
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    """The site built from the checkout into a temporary folder (nothing is written into the tree)."""
+    out = tmp_path_factory.mktemp('site')
+    env = dict(os.environ, NO_MKDOCS_2_WARNING='1', OMP_NUM_THREADS='1')
+    done = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--config-file',
+                           str(ROOT / 'mkdocs.yml'), '--site-dir', str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def _page(site, name: str) -> str:
+    text = (site / name / 'index.html').read_text()
+    return text[text.index('<article'):text.index('</article>')]
+
+
+def test_the_site_builds_strict_with_every_page(site):
+    nav = (ROOT / 'mkdocs.yml').read_text()
+    for name in ('getting-started', 'recipes', 'options', 'mpo', 'design', 'alignment', 'results',
+                 'results-fashion', 'results-digits', 'performance', 'reliability', 'paper-settings',
+                 'running-at-scale', 'cli', 'api', 'changelog'):
+        assert f'{name}.md' in nav and (site / name / 'index.html').exists(), name
+
+
+def test_options_page_is_generated_from_mpoconfig(site):
+    from opdf_torchdistill.options import MPOConfig
+    page = _page(site, 'options')
+    for f in fields(MPOConfig):
+        assert f'id="{f.name}"' in page, f.name
+    assert 'opdf:options' not in page
+
+
+def _parsers():
+    """(script, parser) for every console script with an argparse parser, sub-commands included."""
+    import argparse
+    try:
+        import tomllib
+        scripts = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
+    except ModuleNotFoundError:  # Python < 3.11
+        block = (ROOT / 'pyproject.toml').read_text().split('[project.scripts]', 1)[1].split('\n[', 1)[0]
+        scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', block, re.M))
+    out = []
+    for name, target in scripts.items():
+        module = importlib.import_module(target.split(':')[0])
+        if not hasattr(module, 'get_parser'):
+            out.append((name, None))
+            continue
+        stack = [(name, module.get_parser())]
+        while stack:
+            prog, parser = stack.pop()
+            out.append((prog, parser))
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    stack += [(f'{prog} {sub}', p) for sub, p in action.choices.items()]
+    return out
+
+
+def test_cli_page_is_generated_from_every_parser(site):
+    page = _page(site, 'cli')
+    for prog, parser in _parsers():
+        assert f'id="{prog.replace(" ", "-")}"' in page, prog
+        for action in parser._actions if parser else ():
+            for flag in action.option_strings:
+                if flag not in ('-h', '--help'):
+                    assert f'<code>{html.escape(flag, quote=False)}' in page, f'{prog} {flag}'
+    assert 'opdf:cli' not in page
+
+
+def test_registry_table_lists_every_registered_key(site):
+    import opdf_torchdistill  # noqa: F401  (registers)
+    from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT
+    from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT, MODEL_DICT
+    from torchdistill.optim.registry import OPTIM_DICT
+    page = _page(site, 'recipes')
+    for table in (MODEL_DICT, AUXILIARY_MODEL_WRAPPER_DICT, MIDDLE_LEVEL_LOSS_DICT, OPTIM_DICT):
+        for key, obj in table.items():
+            if getattr(obj, '__module__', '').startswith('opdf_torchdistill'):
+                assert f'<td><code>{key}</code></td>' in page, key
+    assert 'opdf:registry' not in page
+
+
+def test_api_page_documents_the_core_functions(site):
+    page = _page(site, 'api')
+    for name in ('surgery.overparameterize', 'surgery.contract', 'surgery.plan', 'options.MPOConfig',
+                 'plugin.losses.AuxTensorAlignmentLoss', 'plugin.models.opdf_student', 'study.records'):
+        assert f'id="opdf_torchdistill.{name}"' in page, name
+
+
+def test_results_page_shows_the_fashion_tables_the_report_reproduces(site):
+    """``docs/results/fashion.md`` (reproduced byte for byte from the records by test_ablate) is the one
+    copy of the tables; the Fashion-MNIST page includes it, and every row is in the built page."""
+    tables = (DOCS / 'results' / 'fashion.md').read_text()
+    assert '--8<-- "docs/results/fashion.md"' in (DOCS / 'results-fashion.md').read_text()
+    page = _page(site, 'results-fashion')
+    rows = [line for line in tables.splitlines() if line.startswith('| ') and not line.startswith('| arm |')]
+    assert len(rows) > 60
+    for row in rows:
+        cells = [html.escape(c.strip(), quote=False) for c in row.strip('|').split('|')]
+        assert '<tr>\n' + ''.join(f'<td>{c}</td>\n' for c in cells) + '</tr>' in page, row
+
+
+def _recipe_diffs(text: str):
+    """The ```diff blocks that turn a recipe into an OPDF one (those that add the dependency)."""
+    return [b for b in re.findall(r'```diff\n(.*?)```', text, re.S) if "+dependencies: ['opdf_torchdistill']" in b]
+
+
+def _changes(a: str, b: str):
+    """Lines removed from a and added in b (YAML comments aside), as ('-'|'+', line) pairs."""
+    strip = [line for line in a.splitlines() if not line.lstrip().startswith('#')]
+    new = [line for line in b.splitlines() if not line.lstrip().startswith('#')]
+    return sorted((tag, line) for tag, line in ((d[0], d[2:]) for d in difflib.ndiff(strip, new)) if tag in '+-')
+
+
+@pytest.mark.parametrize('where', ['README.md', 'docs/recipes.md'])
+def test_recipe_diff_is_the_diff_between_the_configs(where):
+    text = (ROOT / where).read_text()
+    (diff,) = _recipe_diffs(text)
+    base, opdf = DIFF_BASE.read_text().splitlines(), DIFF_OPDF.read_text().splitlines()
+    shown = []
+    for line in diff.splitlines():
+        tag, body = line[:1], line[1:]
+        if body.strip() == '...':
+            continue
+        if tag == '-':
+            assert body in base, line
+        elif tag == '+':
+            assert body in opdf, line
+        else:
+            assert body in base and body in opdf, line
+        if tag in '+-':
+            shown.append((tag, body))
+    assert sorted(shown) == _changes(DIFF_BASE.read_text(), DIFF_OPDF.read_text())
+    count = re.search(r'(\d+) changed lines', text)
+    if count:
+        assert int(count.group(1)) == len(shown)
+
+
+def test_readme_is_a_front_page_whose_links_resolve():
+    readme = (ROOT / 'README.md').read_text()
+    links = re.findall(r'\]\(([^)#\s]+)(?:#[^)]*)?\)', readme)
+    local = [link for link in links if not re.match(r'[a-z]+://', link)]
+    assert local, 'the README links to the documentation'
+    for link in local:
+        assert (ROOT / link).exists(), link
+    for page in ('docs/getting-started.md', 'docs/recipes.md', 'docs/results.md', 'docs/cli.md', 'docs/api.md'):
+        assert page in local, page
