@@ -22,7 +22,7 @@ RUNTIME = {'torch': 'torch', 'torchvision': 'torchvision', 'torchdistill': 'torc
            'numpy': 'numpy'}
 EXTRAS_ONLY = {'sklearn': 'scikit-learn', 'scipy': 'scipy', 'matplotlib': 'matplotlib', 'tensorly': 'tensorly',
                'tltorch': 'tensorly-torch', 'transformers': 'transformers', 'datasets': 'datasets', 'timm': 'timm',
-               'safetensors': 'safetensors'}
+               'safetensors': 'safetensors', 'submitit': 'submitit'}
 # modules that exist for an extra and that nothing imports unless the user names them (a recipe's
 # `dependencies: [opdf_torchdistill.hf]`): they may import that extra at module level
 OPT_IN = {'opdf_torchdistill/hf.py': 'hf', 'opdf_torchdistill/timm_models.py': 'hf'}
@@ -92,7 +92,7 @@ def test_wheel_requires_only_what_the_plugin_imports(installed):
             extras.setdefault(r.split('extra ==')[1].strip().strip('"\''), set()).add(_requirement_name(r))
     assert set(meta.get_all('Provides-Extra')) == {'demo', 'study', 'hf', 'docs', 'test'}
     assert extras['demo'] == {'scikit-learn'}
-    assert extras['study'] == {'scikit-learn', 'scipy', 'matplotlib'}
+    assert extras['study'] == {'scikit-learn', 'scipy', 'matplotlib', 'submitit'}
     # the README's second command installs [test] and runs every test: it must hold the demo data too
     assert extras['hf'] == {'transformers', 'datasets', 'timm', 'safetensors'}
     assert extras['docs'] == {'mkdocs', 'mkdocs-material', 'mkdocstrings'}
@@ -152,12 +152,13 @@ def test_package_imports_map_to_declared_dependencies(installed):
 
 
 def test_plugin_imports_without_the_extras():
-    """With scikit-learn, scipy, matplotlib, tensorly and the Hugging Face packages marked absent, the plugin,
-    every CLI module but the GLUE runner and the recipes still import, and only the digits data asks for
-    the ``demo`` extra, by name."""
+    """With scikit-learn, scipy, matplotlib, tensorly, submitit and the Hugging Face packages marked absent, the
+    plugin, every CLI module but the GLUE runner and the recipes still import, and only the digits data asks
+    for the ``demo`` extra, by name."""
     code = '''
 import importlib, sys
-BLOCKED = {'sklearn', 'scipy', 'matplotlib', 'tensorly', 'tltorch', 'transformers', 'datasets', 'timm', 'safetensors'}
+BLOCKED = {'sklearn', 'scipy', 'matplotlib', 'tensorly', 'tltorch', 'transformers', 'datasets', 'timm', 'safetensors',
+           'submitit'}
 for name in BLOCKED:  # as if not installed: importing raises ImportError, find_spec returns None
     sys.modules[name] = None
 import opdf_torchdistill, opdf_torchdistill.plugin, opdf_torchdistill.recipes
