@@ -16,6 +16,10 @@ folder of Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fash
 stratified validation split (default 5,000 images, 500 per class) is carved from the 60,000 training
 images; 'test' is the 10,000 ``t10k`` images. The splits and subsamples are chosen by a seeded integer
 hash of each image's index (no torch or numpy RNG), so they are the same on every machine and version.
+
+**A held-out part of any labelled dataset** (:class:`HeldOut`, e.g. of ImageNet's training set in
+``configs/ilsvrc2012/study/``): ``per_class`` items of every class, chosen by the same seeded hash of
+their indices, are the ``holdout`` part (selection on validation), the rest the ``fit`` part (training).
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = ['Digits', 'digits_split_indices', 'FashionMNIST', 'fashion_split_indices', 'read_idx',
-           'FASHION_MNIST_ROOT', 'FASHION_MNIST_FILES', 'FASHION_MNIST_CLASSES', 'IdxFormatError']
+           'FASHION_MNIST_ROOT', 'FASHION_MNIST_FILES', 'FASHION_MNIST_CLASSES', 'IdxFormatError', 'HeldOut',
+           'held_out_indices']
 
 SPLITS = ('train', 'val', 'test')
 _SKLEARN_HINT = 'pip install "opdf-torchdistill[demo]"'
@@ -349,3 +354,61 @@ class FashionMNIST(_ImageDataset):
 
     def __repr__(self) -> str:
         return f'FashionMNIST(split={self.split!r}, images={len(self)}, root={str(self.root)!r})'
+
+
+def held_out_indices(targets: Sequence[int] | np.ndarray, per_class: int = 50, split_seed: int = 0) -> np.ndarray:
+    """Sorted indices of the held-out part: ``per_class`` items of every class, the lowest seeded hash
+    keys of their indices (the same on every machine; a larger ``per_class`` holds a smaller one's)."""
+    labels = np.asarray(targets)
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f'HeldOut: per_class must be a positive integer, got {per_class!r}')
+    every = np.arange(len(labels), dtype=np.int64)
+    chosen = []
+    for cls in np.unique(labels):
+        members = every[labels == cls]
+        if len(members) <= per_class:
+            raise ValueError(f'HeldOut: class {cls} has {len(members)} items; holding out {per_class} would leave '
+                             f'none to train on')
+        keys = _hash_order(members, split_seed, salt=3)
+        chosen.append(members[np.lexsort((members, keys))[:per_class]])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+class HeldOut(Dataset):
+    """The ``'holdout'`` part of a labelled dataset (``per_class`` items of every class, fixed by
+    ``split_seed``; :func:`held_out_indices`) or the ``'fit'`` part (all the others).
+
+    ``dataset`` needs ``targets`` (torchvision's ``ImageFolder`` has them: its files are sorted, so the
+    parts depend only on the folder's contents). The parts are disjoint and together the whole dataset.
+    ``targets`` and ``classes`` are the part's (torchdistill's CRD wrapper reads them). In a config::
+
+        ilsvrc2012/holdout: !import_call
+          key: 'opdf_torchdistill.data.HeldOut'
+          init:
+            kwargs:
+              part: 'holdout'
+              per_class: 50
+              dataset: !import_call {key: 'torchvision.datasets.ImageFolder', init: {kwargs: {root: ...}}}
+    """
+
+    def __init__(self, dataset: Dataset, part: str, per_class: int = 50, split_seed: int = 0):
+        if part not in ('fit', 'holdout'):
+            raise ValueError(f"HeldOut: part must be 'fit' or 'holdout', got {part!r}")
+        if not hasattr(dataset, 'targets'):
+            raise ValueError(f'HeldOut: {type(dataset).__name__} has no targets (labels) to stratify by')
+        targets = np.asarray(dataset.targets)
+        holdout = held_out_indices(targets, per_class, split_seed)
+        self.indices = holdout if part == 'holdout' else np.setdiff1d(np.arange(len(targets)), holdout,
+                                                                       assume_unique=True)
+        self.dataset, self.part = dataset, part
+        self.targets = targets[self.indices].tolist()
+        self.classes = list(getattr(dataset, 'classes', sorted(set(targets.tolist()))))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[index])]
+
+    def __repr__(self) -> str:
+        return f'HeldOut(part={self.part!r}, items={len(self)}, of {type(self.dataset).__name__})'

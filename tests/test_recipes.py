@@ -14,9 +14,12 @@ from opdf_torchdistill.cli.train import get_parser, run
 from conftest import ROOT
 
 # glue/ and the TinyViT pair (224x224 timm models: minutes on CPU) are tested in tests/test_glue.py and
-# test_tinyvit.py; fashion/ (its data is not in CI, its ViT arms need a trained teacher) in test_fashion.py
+# test_tinyvit.py; fashion/ (its data is not in CI, its ViT arms need a trained teacher) in test_fashion.py;
+# study specs (study.yaml, digits/study/) and the ImageNet study's recipes (ilsvrc2012/study/: the recipes
+# here with a held-out part of the training set) in test_scale.py
 CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.yaml')
-                 if 'glue' not in p.parts and 'fashion' not in p.parts and 'tiny_vit' not in p.name)
+                 if 'glue' not in p.parts and 'fashion' not in p.parts and 'tiny_vit' not in p.name
+                 and p.name != 'study.yaml' and 'study' not in p.parts)
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[str(p.relative_to(ROOT / 'configs')) for p in CONFIGS])
 def test_recipe_in_miniature(path, tmp_path, monkeypatch, caplog):

@@ -1,6 +1,6 @@
 """``opdf-ablate`` (``tools/ablate.py``): the command line of :mod:`opdf_torchdistill.study`.
 
-Three commands:
+Five commands:
 
 ``run``
     trains every (config, seed, grid point) that ``--out`` does not hold yet and appends one record
@@ -9,7 +9,15 @@ Three commands:
     the two-phase protocol of a study spec (``configs/fashion/study.yaml``): selection on validation
     accuracy with the selection seeds (with the spec's edge rule and inherited settings, in rounds),
     then the selected setting with the final seeds. Resumable across sessions; ``--jobs 2`` trains two
-    runs at a time; ``--dry_run`` prints the plan per arm, including what waits.
+    runs at a time; ``--dry_run`` prints the plan per arm, including what waits, and with a launcher
+    the GPU-hour estimate and the sbatch parameters. ``--launcher slurm`` (or ``submitit-local``, or
+    the spec's ``launcher:`` block; ``--launcher_set KEY=VALUE`` overrides a setting) trains every run
+    as a submitit job; ``--no_wait`` submits what can run now and returns.
+``status SPEC``
+    every planned run as done, queued, running, failed or not submitted, with job ids and attempts,
+    and the end of the log of a failed run.
+``compact FILE...``
+    folds the per-run record files (``FILE.d/``, written by cluster jobs) into ``FILE``.
 ``report``
     prints the tables: with ``--study SPEC`` the selection, tuning, final and contrasts tables per
     pair (Markdown, reproducible byte for byte from the records); with ``--out FILES`` the per-config
@@ -22,6 +30,9 @@ name or record line) are one line ``error: ...`` on stderr and exit status 1.
 Examples::
 
     python tools/ablate.py study configs/fashion/study.yaml --jobs 2
+    python tools/ablate.py study configs/ilsvrc2012/study.yaml --launcher slurm --dry_run
+    python tools/ablate.py study configs/ilsvrc2012/study.yaml --launcher slurm --launcher_set partition=gpu
+    python tools/ablate.py status configs/ilsvrc2012/study.yaml
     python tools/ablate.py report --study configs/fashion/study.yaml
     python tools/ablate.py run --configs configs/digits/kd.yaml configs/digits/kd_opdf.yaml \\
         --seeds 0 1 2 3 4 --grid train.optimizer.kwargs.lr=0.05,0.1,0.2 --out runs/ablation/digits.jsonl
@@ -76,6 +87,14 @@ def _common_report_args(q: argparse.ArgumentParser) -> None:
     q.add_argument('--summary_json', '--json', dest='summary_json', help='write the summary rows here')
 
 
+def _launcher_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument('--launcher', choices=['local', 'slurm', 'submitit-local'],
+                   help='where runs train (default: the spec\'s launcher block, else local)')
+    q.add_argument('--launcher_set', action='append', default=[], metavar='KEY=VALUE',
+                   help='override a launcher setting, e.g. partition=gpu, nodes=2, gpus_per_node=8, timeout_min=1440 '
+                        '(repeat)')
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Run ablations and studies (configs x seeds x grids) and summarise them')
     sub = p.add_subparsers(dest='command', required=True)
@@ -100,7 +119,21 @@ def get_parser() -> argparse.ArgumentParser:
     q.add_argument('--pairs', nargs='*', help='only these pairs of the spec (default: all)')
     q.add_argument('--phase', choices=['all', 'select', 'final'], default='all')
     q.add_argument('--jobs', type=int, default=1, help='runs at a time (each in a subprocess when > 1)')
-    q.add_argument('--dry_run', action='store_true', help='print the plan, progress and ETA; train nothing')
+    q.add_argument('--dry_run', action='store_true',
+                   help='print the plan, progress and ETA (with a launcher: GPU-hours, sbatch parameters); train '
+                        'nothing')
+    _launcher_args(q)
+    q.add_argument('--no_wait', action='store_true',
+                   help='slurm, submitit-local: submit the runs that can run now and return (run again to continue)')
+
+    q = sub.add_parser('status', help='every run of a study: done, queued, running or failed, with job ids')
+    q.add_argument('spec', help='study spec (YAML)')
+    q.add_argument('--pairs', nargs='*', help='only these pairs of the spec (default: all)')
+    _launcher_args(q)
+    q.add_argument('--tail', type=int, default=20, help='lines of a failed run\'s log to show')
+
+    q = sub.add_parser('compact', help='fold per-run record files (FILE.d/, from cluster jobs) into FILE')
+    q.add_argument('records', nargs='+', help='record files (JSON lines)')
 
     q = sub.add_parser('report', help='tables from record files (--out) or of a study (--study)')
     q.add_argument('--out', nargs='+', help='one or more JSON-lines record files')
@@ -149,16 +182,29 @@ def _report_args(args) -> dict:
 
 def _main(args) -> int:
     if args.command == 'study':
+        from ..study.launchers import launcher_for
         spec = study.load_study(args.spec)
+        launcher = launcher_for(spec, args.launcher, args.launcher_set)
         if args.jobs < 1:
             raise SystemExit('--jobs must be >= 1')
-        if spec.threads and args.jobs == 1:
+        if spec.threads and args.jobs == 1 and launcher.name == 'local':
             import torch
             torch.set_num_threads(spec.threads)
         with _quiet_training_logs():
-            study.run_study(spec, args.pairs, args.phase, args.jobs, args.dry_run)
-        if not args.dry_run:
+            study.run_study(spec, args.pairs, args.phase, args.jobs, args.dry_run, launcher=launcher,
+                            wait=not args.no_wait)
+        if not args.dry_run and not (args.no_wait and launcher.name != 'local'):
             study.report_study(args.spec, args.pairs)
+        return 0
+    if args.command == 'status':
+        from ..study.launchers import launcher_for, study_status
+        spec = study.load_study(args.spec)
+        study_status(spec, args.pairs, launcher_for(spec, args.launcher, args.launcher_set), tail=args.tail)
+        return 0
+    if args.command == 'compact':
+        for path in args.records:
+            n = study.compact_records(path)
+            print(f'{path}: {n} per-run record file(s) folded in from {study.run_dir(path)}')
         return 0
     if args.command == 'run':
         if args.threads:

@@ -19,6 +19,9 @@ with a plain ``from_pretrained`` and tested, and with ``--private_output DIR`` t
   ``evaluate``'s ``glue`` metric), so nothing is fetched from the Hub at run time; under ``torchrun``
   each process predicts a contiguous share of the set and the shares are gathered in order (exact
   metrics, no padded duplicates);
+* a ``dataset_id_map`` split may be half of a split, ``validation[1/2]`` or ``validation[2/2]``
+  (:func:`dev_half`: a fixed permutation, then halves), so that one dev set serves selection and report
+  (``configs/glue/study.yaml``);
 * ``raw_data_kwargs`` may name local files (``train_file_path``, ``valid_file_path`` and any
   ``<split>_file_path``, e.g. ``test_file_path``; ``.csv``, ``.tsv``, ``.json``/``.jsonl`` with the
   Hub's ``glue`` column names; a test file may leave out ``label``) that take precedence over the Hub;
@@ -51,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -247,6 +251,28 @@ def dataset_splits(datasets_config: Mapping, task_name: str | None) -> dict[str,
     return out
 
 
+_HALF = re.compile(r'^(?P<split>[A-Za-z0-9_]+)\[(?P<half>[12])/2\]$')
+
+
+def split_half(split: str) -> tuple[str, int | None]:
+    """``'validation[1/2]'`` -> ``('validation', 1)``; a plain split name -> ``(name, None)``."""
+    match = _HALF.match(str(split))
+    return (match['split'], int(match['half'])) if match else (str(split), None)
+
+
+def dev_half(data, half: int, seed: int = 0):
+    """The first (``half=1``) or second half of a split, after a permutation fixed by ``seed`` (numpy's
+    legacy ``RandomState``, stable across versions); each half keeps the split's order. The halves are
+    disjoint and together the split (the first has the extra example of an odd size). GLUE's dev sets
+    are split like this between selection (``validation[1/2]``) and report (``validation[2/2]``), as in
+    the paper: ``configs/glue/study.yaml``."""
+    n = len(data)
+    order = np.random.RandomState(seed).permutation(n)
+    cut = (n + 1) // 2
+    chosen = np.sort(order[:cut] if half == 1 else order[cut:])
+    return data.select([int(i) for i in chosen])
+
+
 def get_all_datasets(datasets_config: Mapping, task_name: str | None, tokenizer, used_ids: set[str] | None = None):
     """Tokenized datasets by id, as the example's ``get_all_datasets``; with ``used_ids``, only those
     (a dataset entry none of whose ids is used, e.g. MNLI's ``glue_ax`` for submissions, is not loaded)."""
@@ -282,10 +308,11 @@ def get_all_datasets(datasets_config: Mapping, task_name: str | None, tokenizer,
             return result
 
         for split, dataset_id in id_map.items():
-            if split not in raw:
-                raise ValueError(f'datasets.{name}.dataset_id_map names split {split!r}, which {source} do not provide '
-                                 f'(splits: {sorted(raw)}); give its file in raw_data_kwargs as {split}_file_path')
-            split_data = raw[split]
+            base, half = split_half(split)
+            if base not in raw:
+                raise ValueError(f'datasets.{name}.dataset_id_map names split {base!r}, which {source} do not provide '
+                                 f'(splits: {sorted(raw)}); give its file in raw_data_kwargs as {base}_file_path')
+            split_data = raw[base] if half is None else dev_half(raw[base], half)
             dataset_dict[dataset_id] = split_data.map(preprocess, batched=True, remove_columns=split_data.column_names)
             logger.info('%s: %d examples (%s, %s)', dataset_id, len(dataset_dict[dataset_id]), task, source)
     return dataset_dict

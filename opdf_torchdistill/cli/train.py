@@ -19,10 +19,18 @@ YAML runs under torchdistill's own example script. Differences that matter:
   the logged validation is that of the saved checkpoint;
 * every file is written atomically; ``--metrics_json`` records the results for ablations.
 
+* ``--launcher slurm`` submits the run as one SLURM job through submitit (``--launcher_set nodes=2``,
+  ``gpus_per_node=8``, ``tasks_per_node=8``, ``partition=...``): every task runs this trainer, with the
+  rank, world size and master address from the SLURM environment (the same ``init_distributed`` as
+  under ``torchrun``); on preemption or time-out the job requeues itself and continues with ``--resume``
+  (:mod:`opdf_torchdistill.study.jobs`).
+
 Examples::
 
     python tools/train.py --config configs/digits/kd_opdf.yaml --device cpu --seed 1
     torchrun --nproc_per_node 2 tools/train.py --config ... --device cpu
+    python tools/train.py --config ... --device cuda --launcher slurm --launcher_set nodes=2 \\
+        --launcher_set gpus_per_node=8 --launcher_set tasks_per_node=8 --launcher_set partition=gpu
 """
 from __future__ import annotations
 
@@ -104,7 +112,48 @@ def get_parser() -> argparse.ArgumentParser:
                         'by default only torch, torchvision, torchdistill, this package, transformers, timm and the '
                         'config\'s dependencies are allowed)')
     p.add_argument('--debug', action='store_true', help='on an error, print the traceback too')
+    p.add_argument('--launcher', choices=['local', 'slurm', 'submitit-local'],
+                   help='submit this run as one job (slurm: a SLURM job through submitit, every task DDP, requeued '
+                        'and resumed on preemption; submitit-local: the same on this machine) instead of training here')
+    p.add_argument('--launcher_set', action='append', default=[], metavar='KEY=VALUE',
+                   help='a launcher setting: partition, account, qos, nodes, gpus_per_node, tasks_per_node, '
+                        'cpus_per_task, mem_gb, timeout_min, constraint, sbatch, setup, folder (job logs; default '
+                        'runs/submitit), ... (repeat)')
+    p.add_argument('--wait', action='store_true', help='with --launcher: wait for the job and return its status')
     return p
+
+
+_LAUNCH_FLAGS = ('--launcher', '--launcher_set')
+
+
+def _without_launcher_flags(argv) -> list[str]:
+    """The trainer's own arguments: ``argv`` less ``--launcher X``, ``--launcher_set K=V`` and ``--wait``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _LAUNCH_FLAGS:
+            skip = True
+            continue
+        if arg == '--wait' or arg.startswith(tuple(f + '=' for f in _LAUNCH_FLAGS)):
+            continue
+        out.append(str(arg))
+    return out
+
+
+def _submit(args, argv) -> int:
+    """``--launcher slurm|submitit-local``: this run as one job
+    (:func:`opdf_torchdistill.study.launchers.submit_single`)."""
+    status = [0]
+
+    def body():
+        from ..study.launchers import launcher_for, submit_single
+        launcher = launcher_for(None, args.launcher, args.launcher_set)
+        status[0] = submit_single(_without_launcher_flags(argv), launcher, wait=args.wait, device=args.device)
+
+    code = run_cli(body, args.debug)
+    return code or status[0]
 
 
 def positive_int(text: str) -> int:
@@ -479,6 +528,8 @@ def main(argv=None) -> int:
 
     :func:`run` is the programmatic entry point (it returns the metrics and raises)."""
     args = get_parser().parse_args(argv)
+    if args.launcher not in (None, 'local'):
+        return _submit(args, sys.argv[1:] if argv is None else list(argv))
     return run_cli(lambda: run(args), args.debug)
 
 

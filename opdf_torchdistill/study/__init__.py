@@ -19,6 +19,13 @@ The package behind ``opdf-ablate`` (``tools/ablate.py``), one concept per module
     the tables (Markdown for studies, plain text for ablations), byte for byte from the records.
 ``plots``
     matplotlib figures (the ``study`` extra).
+``trainers``
+    the programs a run is (``opdf-train``, ``opdf-glue``): arguments, files, results.
+``launchers``
+    where runs train: ``local``, ``slurm`` and ``submitit-local`` (submitit; the ``study`` extra), the
+    study driver for clusters, ``status``, GPU-hour estimates, sbatch scripts.
+``jobs``
+    one run as one submitit job: the distributed environment, requeue on preemption, events.
 
 Nothing here imports the command-line layer (``opdf_torchdistill.cli``) at import time; the runner
 starts the trainer as a program (see :mod:`~opdf_torchdistill.study.runner`).
@@ -26,19 +33,22 @@ starts the trainer as a program (see :mod:`~opdf_torchdistill.study.runner`).
 Examples::
 
     python tools/ablate.py study configs/fashion/study.yaml --jobs 2
+    python tools/ablate.py study configs/ilsvrc2012/study.yaml --launcher slurm --dry_run
+    python tools/ablate.py status configs/ilsvrc2012/study.yaml
     python tools/ablate.py report --study configs/fashion/study.yaml
     python tools/ablate.py run --configs configs/digits/kd.yaml configs/digits/kd_opdf.yaml \\
         --seeds 0 1 2 3 4 --grid train.optimizer.kwargs.lr=0.05,0.1,0.2 --out runs/ablation/digits.jsonl
     python tools/ablate.py report --out runs/ablation/digits.jsonl --tune train.optimizer.kwargs.lr \\
         --baseline kd --plots runs/ablation
 """
-from .records import (DONE, INPUT_KEYS, RecordError, RunIdentity, append_record, config_hash, environment,
-                      find_stale, input_hashes, load_records, record_finder, resolved_config, run_identity, run_key,
-                      without_stale)
+from .records import (DONE, INPUT_KEYS, RecordError, RunIdentity, append_record, compact_records, config_hash,
+                      environment, find_stale, input_hashes, load_records, record_finder, resolved_config, run_dir,
+                      run_identity, run_key, without_stale, write_run_record)
 from .report import format_summary, report_records, report_study, study_tables
 from .runner import Progress, Task, prepare_teachers, run_ablation, run_study, study_plan, teacher_state
 from .selection import edge_keys, extension_value, inheritance_order, select_settings
-from .spec import EDGE_RULES, Arm, Contrast, Pair, Study, StudyError, load_study, pick_pairs
+from .spec import (EDGE_RULES, LAUNCHERS, TRAINERS, Arm, Contrast, Launcher, Pair, Study, StudyError, load_study,
+                   parse_launcher, pick_pairs)
 from .stats import contrasts, holm, mde_paired, mean_ci, paired_difference, summarize, tost_paired, verdict
 
 __all__ = ['DONE', 'INPUT_KEYS', 'RecordError', 'RunIdentity', 'append_record', 'config_hash', 'environment', 'find_stale',
@@ -47,4 +57,5 @@ __all__ = ['DONE', 'INPUT_KEYS', 'RecordError', 'RunIdentity', 'append_record', 
            'prepare_teachers', 'run_ablation', 'run_study', 'study_plan', 'teacher_state', 'edge_keys',
            'extension_value', 'inheritance_order', 'select_settings', 'EDGE_RULES', 'Arm', 'Contrast', 'Pair', 'Study',
            'StudyError', 'load_study', 'pick_pairs', 'contrasts', 'holm', 'mde_paired', 'mean_ci', 'paired_difference',
-           'summarize', 'tost_paired', 'verdict']
+           'summarize', 'tost_paired', 'verdict', 'compact_records', 'run_dir', 'write_run_record', 'LAUNCHERS',
+           'TRAINERS', 'Launcher', 'parse_launcher']

@@ -1,19 +1,41 @@
 """Run records: what a run's key hashes, the JSON-lines record files, and stale records.
 
-**Records.** Every finished run is one JSON object on one line of a record file: its ``key``, ``config``,
-``name`` (the arm or config stem), ``seed``, ``overrides``, ``device``, ``config_hash``, ``versions``,
-``inputs``, ``status`` (``ok``, ``diverged`` or ``failed``; a failed run is retried), ``metrics``
-(``test_acc1``, ``best_val_acc1``, parameter counts, ...), ``error``, ``wall_seconds``, ``finished``, and
-for a study its ``pair`` and ``phase``. :func:`append_record` re-reads the file under a lock and replaces
-it atomically, so concurrent runners lose nothing and the file is always complete.
+**Records.** Every finished run is one JSON object: its ``key``, ``config``, ``name`` (the arm or config
+stem), ``seed``, ``overrides``, ``device``, ``config_hash``, ``versions``, ``inputs``, ``status`` (``ok``,
+``diverged`` or ``failed``; a failed run is retried), ``metrics`` (``test_acc1``, ``best_val_acc1``,
+parameter counts, ...), ``error``, ``wall_seconds``, ``finished``, and for a study its ``pair`` and
+``phase``. A record file ``FILE`` (``docs/results/records/fashion_cnn.jsonl``) is read together with the
+folder ``FILE.d/`` beside it, which holds one file per run, ``FILE.d/<key>.json``
+(:func:`load_records` merges the two; :func:`run_dir`):
+
+* ``FILE`` itself, one record per line, is written by runs on *one* machine (the ``local`` launcher):
+  :func:`append_record` re-reads it under a lock and replaces it atomically, so concurrent runners of
+  that machine lose nothing and the file is always complete;
+* ``FILE.d/<key>.json`` is written by runs on a cluster (the ``slurm`` and ``submitit-local`` launchers,
+  :mod:`~opdf_torchdistill.study.jobs`), many hosts at once, on a shared filesystem
+  (:func:`write_run_record`). The file is first written completely under a temporary name in the same
+  folder (starting with ``.``, never read), flushed and ``fsync``-ed, and then given its name with
+  ``link()`` (exclusive: it fails if the name exists), or ``rename()`` when it replaces the failed
+  attempt of the same run. Both are single, atomic operations of the file server, also on NFS, so a
+  reader sees no file or a complete one, never a torn line; and since every run has its own file, no
+  two writers ever write the same file, so nothing can be lost between them.
+  **Why not one file and a lock:** on NFS, ``flock``/``fcntl`` locks depend on the client and the
+  server (lockd; ``flock`` is emulated with ``fcntl`` or local to the client, depending on the kernel
+  and mount options, e.g. ``nolock``/``local_lock``), and ``O_APPEND`` is not atomic across clients
+  (each client computes the end of the file itself, so two appends can land on the same offset). A lock
+  file created with ``O_EXCL`` works on NFSv3+ but leaves a stale lock behind a killed job, which then
+  stops every other writer. ``link``/``rename`` into a per-run name needs neither.
+  ``opdf-ablate compact FILE`` (:func:`compact_records`) folds ``FILE.d/`` into ``FILE`` on one
+  machine (e.g. before committing the records), and removes the per-run files it folded.
 
 **A record file is a set of runs, not a log.** One record per key: a second record of a run with the
 same result (status and metrics; timings may differ) is a copy and is dropped; a failed attempt yields
 to the record of its retry; two records of one run with *different* results are an error naming both
-lines (:class:`RecordError`), never "the last one wins". Every line must be a JSON object whose metrics
-are finite numbers (a NaN accuracy is an error naming the line), except the *last* line: an incomplete
-last line (what a process killed while appending leaves) is reported in one warning and set aside
-(moved to ``FILE.incomplete`` by the next append), so a study goes on.
+lines (:class:`RecordError`), never "the last one wins"; the same holds between ``FILE`` and ``FILE.d/``.
+Every line must be a JSON object whose metrics are finite numbers (a NaN accuracy is an error naming the
+line), except the *last* line of ``FILE``: an incomplete last line (what a process killed while
+appending leaves) is reported in one warning and set aside (moved to ``FILE.incomplete`` by the next
+append), so a study goes on. A per-run file must hold one such object whose ``key`` is its name.
 
 **Record keys (provenance).** A run's key is the SHA-256 (first 16 hex digits) of exactly what decides
 its result:
@@ -52,8 +74,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import sys
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -65,7 +90,8 @@ from ._format import short_overrides
 
 __all__ = ['INPUT_KEYS', 'DONE', 'read_config_data', 'resolved_config', 'canonical', 'config_hash', 'input_hashes',
            'environment', 'RunIdentity', 'run_identity', 'run_key', 'RecordError', 'load_records', 'append_record',
-           'find_stale', 'warn_stale', 'without_stale', 'record_finder']
+           'run_dir', 'write_run_record', 'compact_records', 'find_stale', 'warn_stale', 'without_stale',
+           'record_finder']
 
 INPUT_KEYS = ('src_ckpt', 'teacher_ckpt')  # config keys naming files whose contents a run depends on
 DONE = ('ok', 'diverged')  # statuses that are final (a failed run is retried)
@@ -380,7 +406,8 @@ def _describe(record: dict) -> str:
 
 
 def load_records(*paths: str | os.PathLike) -> list[dict]:
-    """The records of one or more record files (a missing file holds none), one per run key.
+    """The records of one or more record files (a missing file holds none) and of their per-run folders
+    ``FILE.d/`` (:func:`run_dir`), one per run key.
 
     Raises :class:`RecordError` (naming the file and line) for a line that is not a JSON object, a record
     with non-finite metrics, or two records of one run that disagree (see :func:`_merge`); an incomplete
@@ -389,6 +416,7 @@ def load_records(*paths: str | os.PathLike) -> list[dict]:
     for path in paths:
         path = Path(path)
         entries += [(path, number, record) for number, record in _read(path)[0]]
+        entries += [(file, 1, record) for file, record in _read_runs(path)]
     return [record for _, _, record in _merge(entries)]
 
 
@@ -443,6 +471,159 @@ def append_record(record: dict, path: str | os.PathLike) -> None:
             with open(_aside_path(path), 'a') as f:
                 f.write(aside[1] + '\n')
         _save_records(records, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# One file per run: what cluster jobs write (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+_RUN_NAME = re.compile(r'^[A-Za-z0-9_-]+$')  # a key: the name of its file
+_HOST = socket.gethostname()
+
+
+def run_dir(path: str | os.PathLike) -> Path:
+    """``FILE.d``: the folder of per-run record files beside the record file ``FILE``."""
+    path = Path(path)
+    return path.with_name(path.name + '.d')
+
+
+def _run_file(path: Path) -> dict:
+    """The record in a per-run file (a :class:`RecordError` naming the file if it is not one)."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordError(f'{path}: not a JSON record ({exc}); per-run files are written whole (under another '
+                          f'name, then linked), so this one was edited: fix or remove it') from None
+    record = _check_record(record, str(path))
+    if record.get('key') != path.stem:
+        raise RecordError(f'{path}: holds the record of run {record.get("key")!r}, not of {path.stem!r} (its name); '
+                          f'fix or remove it')
+    return record
+
+
+def _read_runs(path: Path) -> list[tuple[Path, dict]]:
+    """``[(file, record), ...]`` of ``FILE.d/<key>.json``, in the order the runs finished (then by key).
+
+    Temporary files (their names start with ``.``) are not records and are never read."""
+    folder = run_dir(path)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(folder):
+        name = entry.name
+        if name.startswith('.') or not name.endswith('.json') or not _RUN_NAME.match(name[:-len('.json')]):
+            continue
+        try:
+            found.append((Path(entry.path), _run_file(Path(entry.path))))
+        except FileNotFoundError:  # replaced or folded meanwhile
+            continue
+    return sorted(found, key=lambda e: (str(e[1].get('finished') or ''), e[0].name))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover  (not POSIX)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover  (some filesystems do not sync directories)
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_run_record(record: dict, path: str | os.PathLike) -> bool:
+    """Write one run's record as ``FILE.d/<key>.json`` (see the module docstring): safe with any number of
+    writers on any number of hosts sharing the folder, NFS included. Returns whether it was written.
+
+    The same rules as :func:`append_record`: a copy of a record already there (in ``FILE`` or ``FILE.d/``)
+    changes nothing, a finished record replaces a failed one of the same run, a failed attempt never
+    replaces a finished record, and a record of a run that is there with another result is refused
+    (:class:`RecordError`)."""
+    path = Path(path)
+    _check_record(record, f'{path}: the new record of {record.get("name")} seed={record.get("seed")}')
+    key = record.get('key')
+    if not isinstance(key, str) or not _RUN_NAME.match(key):
+        raise RecordError(f'{path}: a per-run record needs a key of letters, digits, _ and -, got {key!r}')
+    for number, old in _read(path)[0]:  # the run may be in FILE already (a local run, or folded)
+        if old.get('key') != key:
+            continue
+        if _result(old) == _result(record) or (record.get('status') == 'failed' and old.get('status') != 'failed'):
+            return False
+        if old.get('status') != 'failed':
+            raise RecordError(f'{path}:{number}: run {key} ({record.get("name")} seed={record.get("seed")}) is '
+                              f'recorded there with another result ({_describe(old)}); the new one '
+                              f'({_describe(record)}) is not written: were two runners training it?')
+    folder = run_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f'{key}.json'
+    tmp = folder / f'.{key}.json.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+    with open(tmp, 'w') as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        for _ in range(5):
+            try:
+                os.link(tmp, target)  # exclusive: fails if the run has a file already
+                linked = True
+            except FileExistsError:
+                linked = False
+            except OSError:  # NFS may report a link whose reply was lost (the link count says), or no hard links
+                linked = os.stat(tmp).st_nlink >= 2
+                if not linked and not target.exists():
+                    os.replace(tmp, target)  # a filesystem without hard links: rename (atomic too)
+                    linked = True
+            if linked:
+                _fsync_dir(folder)
+                return True
+            try:
+                old = _run_file(target)
+            except FileNotFoundError:
+                continue  # removed meanwhile (folded): try again
+            if _result(old) == _result(record) or record.get('status') == 'failed':
+                return False  # a copy, or a failed attempt after a finished record: nothing to add
+            if old.get('status') != 'failed':
+                raise RecordError(f'{target}: run {key} ({record.get("name")} seed={record.get("seed")}) is recorded '
+                                  f'there with another result ({_describe(old)}); the new one ({_describe(record)}) '
+                                  f'is not written: were two runners training it?')
+            os.replace(tmp, target)  # the retry of a failed attempt replaces it
+            _fsync_dir(folder)
+            return True
+        raise RecordError(f'{target}: could not write the record (the file kept changing)')
+    finally:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def compact_records(path: str | os.PathLike) -> int:
+    """Fold ``FILE.d/`` into ``FILE`` (one machine; e.g. before committing records): the merged set is
+    written to ``FILE`` atomically, then the per-run files that were folded (and not changed since) are
+    removed. Returns the number of per-run files folded. Conflicts are errors, as for :func:`load_records`."""
+    path = Path(path)
+    with _locked(path):
+        entries, aside = _read(path)
+        runs = _read_runs(path)
+        if not runs:
+            return 0
+        merged = _merge([(path, number, r) for number, r in entries] + [(f, 1, r) for f, r in runs])
+        if aside is not None:
+            with open(_aside_path(path), 'a') as f:
+                f.write(aside[1] + '\n')
+        _save_records([r for _, _, r in merged], path)
+        for file, record in runs:
+            try:
+                if _run_file(file) == record:
+                    file.unlink()
+            except (FileNotFoundError, RecordError):
+                continue
+        try:
+            run_dir(path).rmdir()
+        except OSError:
+            pass
+    return len(runs)
 
 
 def record_finder(records: Sequence[dict], by: str) -> Callable[[str, dict, int, Any], dict | None]:

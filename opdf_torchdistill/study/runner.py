@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import io
 import itertools
 import json
@@ -47,12 +46,15 @@ from typing import Any, Iterable, Mapping, Sequence
 from ._format import short_key, short_overrides
 from .records import RunIdentity, append_record, canonical, load_records, read_config_data, record_finder, run_identity
 from .selection import select_settings
-from .spec import Arm, Pair, Study, StudyError, pick_pairs
+from .spec import Arm, Launcher, Pair, Study, StudyError, pick_pairs
+from .trainers import (DIVERGED, TRAINER_MODULES, failure, remove_run_files, run_files, run_result, run_stem,
+                       trainer_argv, trainer_main)
 
-__all__ = ['Task', 'Progress', 'run_ablation', 'study_plan', 'teacher_state', 'prepare_teachers', 'run_study']
+__all__ = ['Task', 'Progress', 'run_ablation', 'study_plan', 'teacher_state', 'prepare_teachers', 'run_study',
+           'task_record', 'run_tasks']
 
-TRAINER = 'opdf_torchdistill.cli.train'  # the program every run is (``python -m TRAINER ARGS``)
-_DIVERGED = ('loss is nan', 'loss is inf', 'FloatingPointError', 'DivergedError', 'non-finite', 'training diverged')
+TRAINER = TRAINER_MODULES['train']  # the program every run is (``python -m TRAINER ARGS``; opdf-glue for GLUE)
+_DIVERGED = DIVERGED
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -64,13 +66,13 @@ def _fmt_duration(seconds: float | None) -> str:
 # ----------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------
-def _train_in_process(argv: list[str]) -> tuple[int, str]:
-    """``opdf-train ARGV`` in this process: (exit status, what it printed on stderr).
+def _train_in_process(argv: list[str], trainer: str = 'train') -> tuple[int, str]:
+    """``opdf-train ARGV`` (or ``opdf-glue``) in this process: (exit status, what it printed on stderr).
 
     The one place the study package calls into the command-line layer, and only as a program (its
     ``main``), imported here rather than at module level."""
     from torchdistill.misc.log import set_basic_log_config
-    from ..cli.train import main
+    main = trainer_main(trainer)
     set_basic_log_config()  # what the trainer does first anyway: its log handler keeps the real stderr
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -79,32 +81,23 @@ def _train_in_process(argv: list[str]) -> tuple[int, str]:
 
 
 def _execute(config: str, seed: int, overrides: dict, workdir: Path, device: str, isolate: bool,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, trainer: str = 'train') -> dict:
     """Train one run through the trainer; returns its record fields (status, metrics, error)."""
-    stem = hashlib.sha1(canonical([config, seed, overrides, device]).encode()).hexdigest()[:16]
-    ckpt = workdir / f'{stem}.pt'
-    metrics_path = workdir / f'{stem}.metrics.json'
-    # -student_only: the teacher's test accuracy is not recorded. --force: the workdir files are this run's
-    # own (hash-named, deleted when it ends); ones left there by a killed attempt are replaced, not refused
-    argv = ['--config', config, '--device', device, '--seed', str(seed), '--metrics_json', str(metrics_path),
-            '--dst_ckpt', str(ckpt), '-student_only', '--force']
-    if threads:
-        argv += ['--threads', str(threads)]
-    for k, v in overrides.items():
-        argv += ['--set', f'{k}={json.dumps(v)}']
+    files = run_files(workdir, run_stem(config, seed, overrides, device), trainer)
+    # --force: the workdir files are this run's own (hash-named, deleted when it ends); ones left there by a
+    # killed attempt are replaced, not refused
+    argv = trainer_argv(trainer, config, seed, overrides, device, files, threads)
     try:
         if isolate:
             import subprocess
-            proc = subprocess.run([sys.executable, '-m', TRAINER] + argv, capture_output=True, text=True)
+            module = TRAINER if trainer == 'train' else TRAINER_MODULES[trainer]
+            proc = subprocess.run([sys.executable, '-m', module] + argv, capture_output=True, text=True)
             code, err = proc.returncode, proc.stderr
         else:
-            code, err = _train_in_process(argv)
+            code, err = _train_in_process(argv) if trainer == 'train' else _train_in_process(argv, trainer)
         if code != 0:  # the trainer's last stderr line is its one-line error
-            line = (err.strip().splitlines() or ['failed'])[-1]
-            line = line[len('error: '):] if line.startswith('error: ') else line
-            status = 'diverged' if any(s in line for s in _DIVERGED) else 'failed'
-            return {'status': status, 'metrics': {}, 'error': f'exit status {code}: {line}'}
-        metrics = json.loads(metrics_path.read_text())
+            return failure(code, err)
+        metrics = json.loads(files['metrics'].read_text())
     except FloatingPointError as exc:
         return {'status': 'diverged', 'metrics': {}, 'error': str(exc)}
     except Exception as exc:  # a failed run is recorded, not fatal: the rest of the ablation goes on
@@ -112,22 +105,8 @@ def _execute(config: str, seed: int, overrides: dict, workdir: Path, device: str
         status = 'diverged' if any(s in text for s in _DIVERGED) else 'failed'
         return {'status': status, 'metrics': {}, 'error': f'{type(exc).__name__}: {exc}'}
     finally:
-        for path in (ckpt, ckpt.with_name(ckpt.stem + '.last.pt'), metrics_path):
-            if path.exists():
-                path.unlink()
-    test = metrics.get('test', {})
-    out = {'test_acc1': test.get('acc1'), 'test_acc5': test.get('acc5'), 'test_loss': test.get('loss'),
-           'best_val_acc1': metrics.get('best_val_acc1'), 'train_params': metrics.get('train_params'),
-           'inference_params': metrics.get('inference_params'),
-           'ratio': metrics['train_params'] / metrics['inference_params'] if metrics.get('inference_params') else None,
-           'train_seconds': metrics.get('train_seconds')}
-    for extra in ('alignment', 'grad_norms'):  # coverage and first-step gradient norms, when the runner logs them
-        if metrics.get(extra) is not None:
-            out[extra] = metrics[extra]
-    bad = [f'{k} {v}' for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:  # a record file refuses non-finite metrics: such a run is diverged, with no metrics
-        return {'status': 'diverged', 'metrics': {}, 'error': f'non-finite metrics: {", ".join(bad)}'}
-    return {'status': 'ok', 'error': None, 'metrics': out}
+        remove_run_files(files)
+    return run_result(trainer, metrics)
 
 
 @dataclass
@@ -197,8 +176,18 @@ def _times_by_name(records: Iterable[dict]) -> dict[str, list[float]]:
     return times
 
 
+def task_record(task: Task, device: str, result: dict, wall_seconds: float) -> dict:
+    """The record of a finished run: its identity, the study's fields, timing and the result."""
+    return {'key': task.identity.key, 'config': task.config, 'name': task.identity.name, 'seed': task.seed,
+            'overrides': task.overrides, 'device': device, 'config_hash': task.identity.config_hash,
+            'versions': task.identity.versions, 'inputs': task.identity.inputs, **task.extra,
+            'wall_seconds': round(wall_seconds, 3),
+            'finished': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'), **result}
+
+
 def run_tasks(tasks: Sequence[Task], device: str, workdir: Path, progress: Progress, jobs: int = 1,
-              threads: int | None = None, isolate: bool = False, later: Sequence[str] = ()) -> list[dict]:
+              threads: int | None = None, isolate: bool = False, later: Sequence[str] = (),
+              trainer: str = 'train') -> list[dict]:
     """Train ``tasks`` (``jobs`` at a time, each in its own subprocess when ``jobs > 1``), appending each
     record as it finishes; ``later`` names runs still to come after these (for the ETA)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -206,12 +195,9 @@ def run_tasks(tasks: Sequence[Task], device: str, workdir: Path, progress: Progr
 
     def one(task: Task) -> dict:
         start = time.perf_counter()
-        result = _execute(task.config, task.seed, task.overrides, workdir, device, isolate or jobs > 1, threads)
-        return {'key': task.identity.key, 'config': task.config, 'name': task.identity.name, 'seed': task.seed,
-                'overrides': task.overrides, 'device': device, 'config_hash': task.identity.config_hash,
-                'versions': task.identity.versions, 'inputs': task.identity.inputs, **task.extra,
-                'wall_seconds': round(time.perf_counter() - start, 3),
-                'finished': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'), **result}
+        args = (task.config, task.seed, task.overrides, workdir, device, isolate or jobs > 1, threads)
+        result = _execute(*args) if trainer == 'train' else _execute(*args, trainer=trainer)
+        return task_record(task, device, result, time.perf_counter() - start)
 
     records = []
 
@@ -439,15 +425,24 @@ def prepare_teachers(configs: Sequence[str], device: str, threads: int | None = 
 
 
 def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'all', jobs: int = 1,
-              dry_run: bool = False, stream=None) -> None:
+              dry_run: bool = False, stream=None, launcher: Launcher | None = None, wait: bool = True) -> None:
     """Prepare the teachers, then per pair, until nothing is left that can run: the selection runs
     planned (the grid; then edge extensions and the selection of arms that inherit, as they become
     known), then the final runs of the selected arms (see the module docstring). ``phase``: ``select``
     runs only selection runs, ``final`` only final runs. A run that fails is not tried again in the same
     call (the next ``study`` retries it); everything is planned from the records, so an interrupted
-    study continues where it stopped."""
+    study continues where it stopped.
+
+    ``launcher`` (default: the spec's): ``slurm`` and ``submitit-local`` train every run as a job
+    (:func:`~opdf_torchdistill.study.launchers.run_study_jobs`; ``wait``: until the study is done);
+    with ``dry_run`` the plan is followed by the launcher's estimate and parameters."""
     stream = stream if stream is not None else sys.stdout
     chosen = pick_pairs(study, pairs)
+    launcher = launcher if launcher is not None else study.launcher
+    if launcher.name != 'local' and not dry_run:
+        from .launchers import run_study_jobs
+        run_study_jobs(study, launcher, pairs, phase, wait, stream)
+        return
     if not dry_run:
         teachers = list(dict.fromkeys(c for pair in chosen for c in pair.prepare))  # pairs may share one
         prepare_teachers(teachers, study.device, study.threads, jobs)
@@ -493,6 +488,10 @@ def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'al
             print(f'  teacher {config}: ' + {'done': f'{dst} exists (reused)', 'resume': f'{dst} unfinished (resumed)',
                                               'missing': f'{dst} missing (trained first)'}[state],
                   file=stream, flush=True)
+        if launcher.name != 'local' or launcher.hours_per_run is not None or any(
+                p.hours_per_run is not None for p in chosen):
+            from .launchers import describe_launch
+            describe_launch(study, chosen, plans, launcher, phase, stream)
         return
     for pair in chosen:
         workdir = study.workdir / pair.name
@@ -506,7 +505,7 @@ def run_study(study: Study, pairs: Sequence[str] | None = None, phase: str = 'al
             attempted.update(t.identity.key for t in batch)
             later = remaining()
             progress.total = progress.done + len(later) + len(batch)
-            run_tasks(batch, study.device, workdir, progress, jobs, study.threads, later=later)
+            run_tasks(batch, study.device, workdir, progress, jobs, study.threads, later=later, trainer=pair.trainer)
         plans[pair.name] = plan = study_plan(study, pair, load_records(pair.records))
         unselected = {a: s for a, s in plan['selection'].items() if s['selected'] is None}
         if unselected and phase != 'select':

@@ -40,6 +40,18 @@ number in accuracy points): the pre-registered comparisons ``a - b`` of the repo
 ``family`` (a free string, e.g. ``primary`` or ``check``) of the pair; with a margin the TOST
 equivalence test is reported too. Names are unique within a pair, and both arms must be arms of it.
 
+``trainer`` (top level, or per pair): the program every run is, ``train`` (``opdf-train``, image
+classification; the default) or ``glue`` (``opdf-glue``; its records hold the task's metric, the mean of
+GLUE's metrics for the task in percent, under ``best_val_acc1`` and ``test_acc1``).
+
+``launcher`` (top level): where the runs train (:class:`Launcher`; ``opdf-ablate study --launcher`` and
+``--launcher_set KEY=VALUE`` override it): ``{name: local | slurm | submitit-local, partition, account,
+qos, nodes, gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, timeout_min, constraint, sbatch (extra
+sbatch lines), setup (shell lines run before the job), array_parallelism, max_failures, max_timeouts,
+signal_delay_s, folder, poll_s, grace_s, hours_per_run, python}``. ``hours_per_run`` (also per pair,
+overriding it) is the expected wall time of one run in hours, from which ``--dry_run`` estimates
+GPU-hours. See :mod:`~opdf_torchdistill.study.launchers`.
+
 Selection seeds and test seeds must be disjoint in every pair. Paths are relative to the working
 directory (the repository root). :func:`load_study` checks all of this and raises :class:`StudyError`
 naming the file and the key (or, for a YAML syntax error, the line) that is wrong.
@@ -54,19 +66,114 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ['StudyError', 'Arm', 'Contrast', 'Pair', 'Study', 'EDGE_RULES', 'load_study', 'pick_pairs']
+__all__ = ['StudyError', 'Arm', 'Contrast', 'Pair', 'Study', 'EDGE_RULES', 'TRAINERS', 'LAUNCHERS', 'Launcher',
+           'parse_launcher', 'load_study', 'pick_pairs']
 
 _STUDY_KEYS = {'study', 'description', 'workdir', 'device', 'threads', 'baseline', 'select_seeds', 'seeds',
-               'select_metric', 'labels', 'pairs', 'edge_rule'}
-_PAIR_KEYS = {'title', 'records', 'prepare', 'fixed', 'arms', 'select_seeds', 'seeds', 'baseline', 'contrasts'}
+               'select_metric', 'labels', 'pairs', 'edge_rule', 'trainer', 'launcher'}
+_PAIR_KEYS = {'title', 'records', 'prepare', 'fixed', 'arms', 'select_seeds', 'seeds', 'baseline', 'contrasts',
+              'trainer', 'hours_per_run'}
 _ARM_KEYS = {'config', 'grid', 'title', 'inherit'}
 _CONTRAST_KEYS = {'name', 'arms', 'family', 'margin'}
 _METRICS = ('best_val_acc1',)
 EDGE_RULES = ('none', 'extend_once')
+TRAINERS = ('train', 'glue')  # opdf-train (opdf_torchdistill.cli.train), opdf-glue (opdf_torchdistill.cli.glue)
+LAUNCHERS = ('local', 'slurm', 'submitit-local')
 
 
 class StudyError(ValueError):
     """A study spec that is not well formed, or a study that cannot go on (the message names the key)."""
+
+
+@dataclass
+class Launcher:
+    """Where and how runs train (a spec's ``launcher:`` block; :mod:`~opdf_torchdistill.study.launchers`).
+
+    ``local``: subprocesses on this machine (``--jobs N``), as always. ``slurm``: one SLURM job per run,
+    submitted by submitit as job arrays (at most ``array_parallelism`` running at a time), each job
+    ``nodes`` x ``tasks_per_node`` tasks (one per GPU: ``tasks_per_node`` = ``gpus_per_node``), every task
+    the same trainer (DDP). ``submitit-local``: the same jobs as processes of this machine (submitit's
+    LocalExecutor; one node). A job that fails is submitted again until the run has failed
+    ``max_failures`` times; a job preempted or timed out requeues itself (``max_timeouts`` time-outs at
+    most) and continues with ``--resume``. ``sbatch``: extra sbatch options (``--exclusive``,
+    ``--mail-type=END``); ``setup``: shell lines before the job (``module load ...``)."""
+    name: str = 'local'
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    timeout_min: int = 60
+    constraint: str | None = None
+    sbatch: list = field(default_factory=list)
+    setup: list = field(default_factory=list)
+    array_parallelism: int | None = None
+    max_failures: int = 3
+    max_timeouts: int = 3
+    signal_delay_s: int = 120
+    folder: str | None = None
+    poll_s: float = 30.0
+    grace_s: float = 120.0
+    hours_per_run: float | None = None
+    python: str | None = None
+
+    @property
+    def gpus_per_run(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def tasks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+_LAUNCHER_TYPES = {'name': str, 'partition': str, 'account': str, 'qos': str, 'nodes': int, 'gpus_per_node': int,
+                   'tasks_per_node': int, 'cpus_per_task': int, 'mem_gb': float, 'timeout_min': int,
+                   'constraint': str, 'sbatch': list, 'setup': list, 'array_parallelism': int, 'max_failures': int,
+                   'max_timeouts': int, 'signal_delay_s': int, 'folder': str, 'poll_s': float, 'grace_s': float,
+                   'hours_per_run': float, 'python': str}
+_AT_LEAST = {'nodes': 1, 'tasks_per_node': 1, 'gpus_per_node': 0, 'cpus_per_task': 1, 'mem_gb': 0, 'timeout_min': 1,
+             'array_parallelism': 1, 'max_failures': 1, 'max_timeouts': 0, 'signal_delay_s': 0, 'poll_s': 0,
+             'grace_s': 0, 'hours_per_run': 0}
+
+
+def parse_launcher(block: Any, where: str, base: Launcher | None = None) -> Launcher:
+    """A :class:`Launcher` from a spec's ``launcher:`` mapping (or ``--launcher_set`` pairs), on top of
+    ``base``; a wrong key, type or value is a :class:`StudyError` naming ``where`` and the key."""
+    out = Launcher(**{k: (list(v) if isinstance(v, list) else v) for k, v in vars(base or Launcher()).items()})
+    if block is None:
+        return out
+    if not isinstance(block, dict):
+        raise StudyError(f'{where} must be a mapping {{name: local | slurm | submitit-local, partition, ...}}, '
+                         f'got {block!r}')
+    _unknown(where, block, set(_LAUNCHER_TYPES))
+    for key, value in block.items():
+        if str(key).startswith('x-'):
+            continue
+        kind = _LAUNCHER_TYPES[key]
+        if value is None and key not in ('name', 'nodes', 'tasks_per_node', 'gpus_per_node', 'timeout_min',
+                                         'max_failures', 'max_timeouts', 'signal_delay_s', 'poll_s', 'grace_s',
+                                         'sbatch', 'setup'):
+            setattr(out, key, None)
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is list and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is list and not all(isinstance(v, str) for v in value)):
+            what = {int: 'an integer', float: 'a number', str: 'a string', list: 'a list of strings'}[kind]
+            raise StudyError(f'{where}.{key} must be {what}, got {value!r}')
+        if key in _AT_LEAST and value < _AT_LEAST[key]:
+            raise StudyError(f'{where}.{key} must be >= {_AT_LEAST[key]}, got {value!r}')
+        if key == 'name' and value not in LAUNCHERS:
+            raise StudyError(f'{where}.name must be one of {list(LAUNCHERS)}, got {value!r}')
+        setattr(out, key, value)
+    if out.name == 'submitit-local' and out.nodes > 1:
+        raise StudyError(f'{where}: submitit-local runs on this machine only (nodes: 1), got nodes {out.nodes}')
+    return out
 
 
 @dataclass
@@ -102,6 +209,8 @@ class Pair:
     baseline: str
     contrasts: list = field(default_factory=list)  # Contrast, in the spec's order
     edge_rule: str = 'none'  # the study's
+    trainer: str = 'train'  # TRAINERS
+    hours_per_run: float | None = None  # expected wall hours of one run (the launcher's when None)
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -124,6 +233,8 @@ class Study:
     labels: dict
     pairs: list[Pair]
     edge_rule: str = 'none'
+    trainer: str = 'train'
+    launcher: Launcher = field(default_factory=Launcher)
 
 
 def _seeds(value: Any, where: str) -> list[int]:
@@ -241,6 +352,10 @@ def load_study(path: str | os.PathLike) -> Study:
         raise StudyError(f'{path}: edge_rule must be one of {list(EDGE_RULES)}, got {edge_rule!r}')
     if not isinstance(spec['pairs'], dict) or not spec['pairs']:
         raise StudyError(f'{path}: pairs must be a non-empty mapping of pair name -> pair')
+    trainer = spec.get('trainer', 'train')
+    if trainer not in TRAINERS:
+        raise StudyError(f'{path}: trainer must be one of {list(TRAINERS)}, got {trainer!r}')
+    launcher = parse_launcher(spec.get('launcher'), f'{path}: launcher')
     pairs = []
     for pair_name, p in spec['pairs'].items():
         where = f'{path}: pairs.{pair_name}'
@@ -286,13 +401,21 @@ def load_study(path: str | os.PathLike) -> Study:
                              f'seeds must be disjoint from the test seeds (a seed that chose a setting would also '
                              f'score it)')
         contrasts = _contrasts(where, p.get('contrasts'), [a.name for a in arms])
+        pair_trainer = p.get('trainer', trainer)
+        if pair_trainer not in TRAINERS:
+            raise StudyError(f'{where}.trainer must be one of {list(TRAINERS)}, got {pair_trainer!r}')
+        hours = p.get('hours_per_run')
+        if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or hours < 0):
+            raise StudyError(f'{where}.hours_per_run must be a number of hours >= 0, got {hours!r}')
         pairs.append(Pair(str(pair_name), str(p.get('title', pair_name)), Path(p['records']), prepare, fixed, arms,
-                          pair_select, pair_seeds, baseline, contrasts, edge_rule))
+                          pair_select, pair_seeds, baseline, contrasts, edge_rule, pair_trainer,
+                          None if hours is None else float(hours)))
     threads = spec.get('threads')
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise StudyError(f'{path}: threads must be a positive integer, got {threads!r}')
     return Study(str(spec['study']), path, Path(spec.get('workdir', f'runs/{spec["study"]}/ablation')),
-                 str(spec.get('device', 'cpu')), threads, dict(spec.get('labels') or {}), pairs, edge_rule)
+                 str(spec.get('device', 'cpu')), threads, dict(spec.get('labels') or {}), pairs, edge_rule, trainer,
+                 launcher)
 
 
 def pick_pairs(study: Study, names: Sequence[str] | None) -> list[Pair]:
