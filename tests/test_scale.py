@@ -208,7 +208,21 @@ def _ddp_argv(tmp):
 
 
 @pytest.fixture(scope='module')
-def launched(tmp_path_factory):
+def gpu_check_run(tmp_path_factory):
+    """``tools/gpu_check.py --device cpu`` in a subprocess, started first (it runs while the launchers'
+    tests wait for their jobs): ``(process, its JSON file)``."""
+    tmp = tmp_path_factory.mktemp('gpu_check')
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'tools' / 'gpu_check.py'), '--device', 'cpu', '--json',
+                             str(tmp / 'check.json')], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    yield proc, tmp / 'check.json'
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory, gpu_check_run):
     """The smoke study trained three ways, and one opdf-train run as a job (the jobs at the same time, to
     keep the tests short): here (local launcher, in this process), through ``submitit-local``, and through
     ``--launcher slurm`` with the fake SLURM commands on PATH, whose selection job is preempted (USR2)
@@ -411,23 +425,14 @@ def test_held_out_parts_and_dev_halves_are_fixed_disjoint_and_complete():
     assert split_half('validation_matched[2/2]') == ('validation_matched', 2) and split_half('test') == ('test', None)
 
 
-def test_the_gpu_readiness_check_runs_on_the_cpu(tmp_path, capsys):
+def test_the_gpu_readiness_check_runs_on_the_cpu(gpu_check_run):
     """``tools/gpu_check.py --device cpu``: the same code as on a CUDA device, with small models and shapes."""
-    import importlib.util
-    import logging
-    spec = importlib.util.spec_from_file_location('gpu_check', ROOT / 'tools' / 'gpu_check.py')
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    levels = {n: logging.getLogger(n).level for n in ('opdf_torchdistill', 'torchdistill')}
-    try:
-        assert gpu_check.main(['--device', 'cpu', '--json', str(tmp_path / 'check.json')]) == 0
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-    out = capsys.readouterr().out
+    proc, json_path = gpu_check_run
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
     assert 'READY: steps finite True, contraction True, digits True' in out
-    figures = json.loads((tmp_path / 'check.json').read_text())
-    assert figures['ok'] and figures['contraction']['max_rel_error'] < 1e-4
+    figures = json.loads(json_path.read_text())
+    assert figures['ok'] and figures['contraction']['max_rel_error'] < 1e-4 and figures['digits']['ok']
     assert {(r['dtype'], r['variant']) for r in figures['steps']} == {
         (d, v) for d in ('float32', 'bf16 autocast') for v in ('KD', 'KD+OPDF')}
     assert len(figures['steps']) == 8 and all(r['finite'] and r['step_s'] > 0 for r in figures['steps'])

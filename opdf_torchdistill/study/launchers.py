@@ -105,6 +105,16 @@ def _extra_sbatch(lines: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _submitit():
+    """submitit, or a one-line error saying how to install it (the ``study`` extra)."""
+    try:
+        import submitit
+    except ImportError:
+        raise StudyError('the slurm and submitit-local launchers need submitit: pip install '
+                         '"opdf-torchdistill[study]" (or pip install submitit)') from None
+    return submitit
+
+
 def _hours(x: float) -> str:
     return f'{x:,.0f}' if x >= 100 else f'{x:.3g}'
 
@@ -141,6 +151,7 @@ def _python(launcher: Launcher) -> str:
 def render_sbatch(launcher: Launcher, folder: str | os.PathLike, job_name: str = 'opdf',
                   array: int | None = None) -> str:
     """The batch script submitit writes for one job (``array``: a job array of that many runs)."""
+    _submitit()
     from submitit.slurm.slurm import _make_sbatch_string
     command = ' '.join([_python(launcher), '-u -m submitit.core._submit', shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=str(folder), map_count=array,
@@ -149,7 +160,7 @@ def render_sbatch(launcher: Launcher, folder: str | os.PathLike, job_name: str =
 
 def make_executor(launcher: Launcher, folder: str | os.PathLike, job_name: str = 'opdf'):
     """A submitit executor for the ``slurm`` or ``submitit-local`` launcher."""
-    import submitit
+    submitit = _submitit()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if launcher.name == 'slurm':
@@ -201,6 +212,7 @@ def scheduler_states(launcher: str, jobs: Sequence[Mapping[str, Any]]) -> dict[s
             else:
                 out[str(j['job_id'])] = 'running' if _pid_alive(int(j['job_id'])) else 'ended'
         return out
+    _submitit()
     from submitit.slurm.slurm import SlurmInfoWatcher, read_job_id
     mains = sorted({i.split('_')[0] for i in ids})
     command = ['sacct', '-o', 'JobID,State', '--parsable2'] + [a for m in mains for a in ('-j', m)]
@@ -569,7 +581,7 @@ def study_status(study: Study, pairs: Sequence[str] | None = None, launcher: Lau
             state = st['state']
             if state == 'submitted':
                 state = _flight_label(events, st['live_job'], sched.get(str(st['live_job'].get('job_id')), 'unknown'))
-            label = {'new': 'not submitted'}.get(state, state)
+            label = {'new': 'not run' if launcher.name == 'local' else 'not submitted'}.get(state, state)
             pair_counts[label] = pair_counts.get(label, 0) + 1
             attempts = str(st['attempts']) + (f' ({st["preempted"]} preempted)' if st['preempted'] else '') \
                 + (f', {st["failures"]} failed' if st['failures'] else '')
