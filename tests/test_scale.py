@@ -132,11 +132,14 @@ def test_slurm_tasks_get_torchruns_variables_and_the_trainers_distributed_set_up
            'SLURM_NODEID': '1', 'SLURM_PROCID': '9', 'SLURM_LOCALID': '1', 'SLURM_JOB_NODELIST': 'gpu[017-018]'}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,3,4,5,6,7')  # every GPU of the node visible to each task
     got = jobs.torchrun_env(submitit.JobEnvironment())
     assert {k: got[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR')} \
         == {'RANK': '9', 'WORLD_SIZE': '16', 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '8', 'NODE_RANK': '1',
             'MASTER_ADDR': 'gpu017'}
     assert 20000 <= int(got['MASTER_PORT']) < 40000
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3')  # a task bound to one GPU: that GPU is its cuda:0
+    assert jobs.torchrun_env(submitit.JobEnvironment())['LOCAL_RANK'] == '0'
     monkeypatch.setenv('SLURM_PROCID', '0')
     assert jobs.torchrun_env(submitit.JobEnvironment())['MASTER_PORT'] == got['MASTER_PORT']  # every task agrees
     monkeypatch.setenv('SLURM_NTASKS', '1')

@@ -123,13 +123,19 @@ def torchrun_env(job_env: Any) -> dict[str, str]:
     """``torchrun``'s variables from submitit's job environment (``submitit.JobEnvironment()``): ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK``, ``MASTER_ADDR`` (the job's
     first node; 127.0.0.1 for submitit's local executor) and ``MASTER_PORT`` (20000-39999, from the job id: the same in every task, and again
-    after a requeue). Empty for a job of one task (the trainer then runs without a process group)."""
+    after a requeue). Empty for a job of one task (the trainer then runs without a process group). A task
+    that sees a single GPU (``CUDA_VISIBLE_DEVICES`` of one device: SLURM bound it) gets ``LOCAL_RANK`` 0,
+    the index of that GPU in the task (the trainer picks ``cuda:LOCAL_RANK``)."""
     tasks = int(job_env.num_tasks)
     if tasks <= 1:
         return {}
     nodes = max(1, int(job_env.num_nodes))
+    local_rank = str(job_env.local_rank)
+    visible = [d for d in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+    if len(visible) == 1:  # SLURM bound this task to one GPU (--gpus-per-task, gpu binding): it is cuda:0 here
+        local_rank = '0'
     master = '127.0.0.1' if getattr(job_env, 'cluster', None) == 'local' else str(list(job_env.hostnames)[0])
-    return {'RANK': str(job_env.global_rank), 'WORLD_SIZE': str(tasks), 'LOCAL_RANK': str(job_env.local_rank),
+    return {'RANK': str(job_env.global_rank), 'WORLD_SIZE': str(tasks), 'LOCAL_RANK': local_rank,
             'LOCAL_WORLD_SIZE': str(tasks // nodes), 'NODE_RANK': str(job_env.node),
             'MASTER_ADDR': master,
             'MASTER_PORT': str(20000 + zlib.crc32(str(job_env.job_id).encode()) % 20000)}
