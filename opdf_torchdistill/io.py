@@ -211,7 +211,8 @@ def _umask() -> int:
     return old
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (also one owned by another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -236,7 +237,7 @@ def _sweep_stale(path: Path) -> None:
         if m.group('pid') is None:
             dead = age > 3600  # old-style name (no writer id): only when long untouched
         elif m.group('host') == _HOST:
-            dead = int(m.group('pid')) != os.getpid() and not _pid_alive(int(m.group('pid')))
+            dead = int(m.group('pid')) != os.getpid() and not pid_alive(int(m.group('pid')))
         else:
             dead = age > _STALE_OTHER_HOST_S  # a PID on another machine cannot be checked
         if dead:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .io import pid_alive
+
 __all__ = ['OutputError', 'RunLockedError', 'last_ckpt_path', 'check_outputs', 'refuse_existing',
            'check_existing_kind', 'config_input_files', 'RunLock', 'run_state', 'total_epochs']
 
@@ -190,16 +192,6 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """Exclusive ownership of a run's ``dst_ckpt`` through ``<dst_ckpt>.lock`` (see the module docstring).
 
@@ -233,7 +225,7 @@ class RunLock:
         if info.get('host') != _HOST:
             return False  # a pid on another machine cannot be checked
         pid = info.get('pid')
-        if not isinstance(pid, int) or not _pid_alive(pid):
+        if not isinstance(pid, int) or not pid_alive(pid):
             return True
         start = info.get('proc_start')
         return start is not None and _process_start(pid) not in (None, start)

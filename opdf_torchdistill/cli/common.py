@@ -24,7 +24,8 @@ from .config_guard import UnsafeConfigError, check_config_tags, yaml_error_text
 __all__ = ['setup_logging', 'load_config', 'config_snapshot', 'config_differences', 'apply_overrides', 'parse_value',
            'build_model', 'load_model_checkpoint',
            'safe_torchdistill_loads', 'init_distributed', 'is_main_process', 'student_config_of', 'ConfigError',
-           'check_state_dict_fits', 'checkpoint_size_limit', 'check_device', 'describe_error', 'run_cli', 'USER_ERRORS']
+           'check_state_dict_fits', 'checkpoint_size_limit', 'check_device', 'describe_error', 'run_cli', 'USER_ERRORS',
+           'read_config']
 
 logger = logging.getLogger('opdf_torchdistill.cli')
 
@@ -203,15 +204,11 @@ def config_differences(old: Any, new: Any, prefix: str = '') -> list[str]:
     return [] if old == new else [f'{prefix or "<config>"}: {old!r} -> {new!r}']
 
 
-def load_config(path: str, overrides: Sequence[str] = (), trust_config: bool = False) -> dict:
-    """Load a torchdistill YAML (``!import_call`` etc.), apply overrides, import its dependencies.
-
-    ``opdf_torchdistill`` is always imported, so configs work with or without ``dependencies:``.
-    Duplicate mapping keys are refused (file, line and key named). Unless ``trust_config``, a tag that
-    would import or call something outside the allowed packages is refused before any tag runs
-    (:mod:`.config_guard`: configs are code).
-    """
-    path = os.path.expanduser(path)
+def read_config(path: str, overrides: Sequence[str] = (), trust_config: bool = False) -> dict:
+    """A torchdistill YAML with its tags run and ``--set`` overrides applied, after the checks every
+    program makes first: the file exists, no duplicate keys, and (unless ``trust_config``) no tag
+    outside the allowed packages. Its ``dependencies`` are not imported (see :func:`load_config`)."""
+    path = os.path.expanduser(str(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f'{path}: is a directory; give a YAML config file')
     if not os.path.isfile(path):
@@ -223,6 +220,18 @@ def load_config(path: str, overrides: Sequence[str] = (), trust_config: bool = F
     if not isinstance(config, dict):
         raise ConfigError(f'{path}: a config must be a mapping, got {type(config).__name__}')
     apply_overrides(config, overrides)
+    return config
+
+
+def load_config(path: str, overrides: Sequence[str] = (), trust_config: bool = False) -> dict:
+    """Load a torchdistill YAML (``!import_call`` etc.), apply overrides, import its dependencies.
+
+    ``opdf_torchdistill`` is always imported, so configs work with or without ``dependencies:``.
+    Duplicate mapping keys are refused (file, line and key named). Unless ``trust_config``, a tag that
+    would import or call something outside the allowed packages is refused before any tag runs
+    (:mod:`.config_guard`: configs are code).
+    """
+    config = read_config(path, overrides, trust_config)
     import_dependencies(config.get('dependencies', None))
     import opdf_torchdistill  # noqa: F401  (registers the plugin's components)
     return config

@@ -67,9 +67,8 @@ from torch import distributed as dist
 
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, is_trusted, load_checkpoint
 from ..runfiles import OutputError, RunLock
-from .common import (ConfigError, _check_duplicate_keys, apply_overrides, check_device, config_differences,
-                     config_snapshot, init_distributed, is_main_process, run_cli, setup_logging)
-from .config_guard import check_config_tags
+from .common import (ConfigError, check_device, config_differences, config_snapshot, init_distributed,
+                     is_main_process, read_config, run_cli, setup_logging)
 
 logger = logging.getLogger('opdf_torchdistill.glue')
 
@@ -413,20 +412,8 @@ def load_glue_config(path: str, overrides=(), trust_config: bool = False) -> tup
     """``(config, snapshot)``: the recipe with its tags run (after :func:`check_config_tags` unless
     ``trust_config``) and ``--set`` overrides applied, and the same as plain data (tags recorded, not
     run) for the output guards and the resume checkpoint. Dependencies are not imported here."""
-    from torchdistill.common import yaml_util
-    path = os.path.expanduser(str(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f'{path}: is a directory; give a YAML config file')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: no such config file')
-    _check_duplicate_keys(path)
-    if not trust_config:
-        check_config_tags(path)
-    config = yaml_util.load_yaml_file(path)
-    if not isinstance(config, dict):
-        raise ConfigError(f'{path}: a config must be a mapping, got {type(config).__name__}')
-    apply_overrides(config, overrides)
-    return config, config_snapshot(path, overrides)
+    config = read_config(path, overrides, trust_config)
+    return config, config_snapshot(os.path.expanduser(str(path)), overrides)
 
 
 def _student_config(config: Mapping) -> Mapping:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..io import pid_alive
 from ._format import short_overrides
 from .jobs import TAIL_LINES, RunJob, events_dir, read_events, run_state, write_event
 from .records import DONE, load_records
@@ -186,16 +187,6 @@ def _folder(study: Study, launcher: Launcher) -> Path:
 # ----------------------------------------------------------------------------------------------
 # The scheduler's view
 # ----------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def scheduler_states(launcher: str, jobs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """``{job id: 'queued' | 'running' | 'ended' | 'unknown'}`` of ``submitted`` events.
 
@@ -210,7 +201,7 @@ def scheduler_states(launcher: str, jobs: Sequence[Mapping[str, Any]]) -> dict[s
             if j.get('host') not in (None, _host()):
                 out[str(j['job_id'])] = 'unknown'
             else:
-                out[str(j['job_id'])] = 'running' if _pid_alive(int(j['job_id'])) else 'ended'
+                out[str(j['job_id'])] = 'running' if pid_alive(int(j['job_id'])) else 'ended'
         return out
     _submitit()
     from submitit.slurm.slurm import SlurmInfoWatcher, read_job_id
