@@ -19,7 +19,7 @@ from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 
 from ..io import CheckpointError, check_state_dict_fits, checkpoint_size_limit, is_trusted, load_checkpoint
-from .config_guard import UnsafeConfigError, check_config_tags, yaml_error_text
+from .config_guard import UnsafeConfigError, check_config_tags, compose_yaml, walk_nodes
 
 __all__ = ['setup_logging', 'load_config', 'config_snapshot', 'config_differences', 'apply_overrides', 'parse_value',
            'build_model', 'load_model_checkpoint',
@@ -127,21 +127,10 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
 def _check_duplicate_keys(path: str) -> None:
     """PyYAML keeps the last of two equal keys in a mapping without a word (a pasted ``forward_hook:``
     block would silently replace the recipe's). Composing builds nodes only: no tag runs."""
-    with open(path, 'r') as fp:
-        try:
-            root = yaml.compose(fp, Loader=yaml.FullLoader)
-        except yaml.YAMLError as exc:
-            raise ConfigError(yaml_error_text(path, exc)) from None
-    seen: set[int] = set()
-    stack = [root] if root is not None else []
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in walk_nodes(compose_yaml(path, ConfigError)):
         if isinstance(node, yaml.MappingNode):
             first: dict[tuple[str, str], int] = {}
-            for key, value in node.value:
+            for key, _ in node.value:
                 if isinstance(key, yaml.ScalarNode) and key.tag != 'tag:yaml.org,2002:merge':
                     ident = (key.tag, key.value)
                     if ident in first:
@@ -149,9 +138,6 @@ def _check_duplicate_keys(path: str) -> None:
                             f'{path}:{key.start_mark.line + 1}: duplicate key {key.value!r} (first at line '
                             f'{first[ident]}); YAML would silently keep only the last one: merge the two entries')
                     first[ident] = key.start_mark.line + 1
-                stack.extend((key, value))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
 
 
 class TagRecordingLoader(yaml.SafeLoader):

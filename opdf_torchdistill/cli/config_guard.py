@@ -26,11 +26,12 @@ whose origin you know (your own recipes with other libraries' datasets, for exam
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import yaml
 
-__all__ = ['ALLOWED_PACKAGES', 'DENIED', 'UnsafeConfigError', 'check_config_tags', 'yaml_error_text']
+__all__ = ['ALLOWED_PACKAGES', 'DENIED', 'UnsafeConfigError', 'check_config_tags', 'yaml_error_text', 'compose_yaml',
+           'walk_nodes']
 
 #: packages whose names a restricted config may import and call
 ALLOWED_PACKAGES = ('torch', 'torchvision', 'torchdistill', 'opdf_torchdistill', 'transformers', 'timm', 'datasets',
@@ -56,6 +57,33 @@ def yaml_error_text(path: str, exc: yaml.YAMLError) -> str:
     problem = ' '.join(str(getattr(exc, 'problem', None) or exc).split())
     context = getattr(exc, 'context', None)
     return f'{path}{where}: not valid YAML: {problem}' + (f' ({" ".join(str(context).split())})' if context else '')
+
+
+def compose_yaml(path: str, error: type[Exception] = ValueError) -> yaml.Node | None:
+    """The YAML file's node tree (composing builds nodes only: no tag runs); a syntax error is ``error``
+    with the file and line in one line."""
+    with open(path, 'r') as fp:
+        try:
+            return yaml.compose(fp, Loader=yaml.FullLoader)
+        except yaml.YAMLError as exc:
+            raise error(yaml_error_text(path, exc)) from None
+
+
+def walk_nodes(root: yaml.Node | None) -> Iterator[yaml.Node]:
+    """Every node of a composed tree once (an alias shares its anchor's node), keys included."""
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def _dependency_modules(root: yaml.Node | None) -> list[str]:
@@ -104,20 +132,10 @@ def _allowed(target: str, allowed: Iterable[str]) -> bool:
 
 def check_config_tags(path: str) -> None:
     """Refuse a config whose tags would run code outside :data:`ALLOWED_PACKAGES` (see the module docstring)."""
-    with open(path, 'r') as fp:
-        try:
-            root = yaml.compose(fp, Loader=yaml.FullLoader)
-        except yaml.YAMLError as exc:
-            raise UnsafeConfigError(yaml_error_text(path, exc)) from None
+    root = compose_yaml(path, UnsafeConfigError)
     allowed = tuple(ALLOWED_PACKAGES) + tuple(_dependency_modules(root))
     advice = 'if you trust this config (it runs code when loaded), pass --trust_config'
-    seen: set[int] = set()
-    stack = [root] if root is not None else []
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in walk_nodes(root):
         where = f'{path}:{node.start_mark.line + 1}'
         tag = node.tag or ''
         if tag in _IMPORT_TAGS:
@@ -143,6 +161,3 @@ def check_config_tags(path: str) -> None:
                         getattr(value, 'value', 'false') not in ('false', 'False', '0', 'null', '~', ''):
                     raise UnsafeConfigError(f'{path}:{key.start_mark.line + 1}: trust_remote_code would run code '
                                             f'from the model folder; {advice}')
-                stack.extend((key, value))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
