@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('datasets')
@@ -150,14 +149,9 @@ def test_glue_metrics(task, expected):
 # Recipes in miniature
 # ------------------------------------------------------------------------------------------------
 def _plain_yaml(path):
-    loader = type('Plain', (yaml.SafeLoader,), {})
-
-    def tagged(ld, suffix, node):
-        value = ld.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode) else \
-            ld.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else ld.construct_scalar(node)
-        return {'!' + suffix: value}
-    loader.add_multi_constructor('!', tagged)
-    return yaml.load(path.read_text(), Loader=loader)
+    """The YAML as data, tags kept as ``{'!tag': value}`` (nothing imported or called)."""
+    from opdf_torchdistill.cli.common import config_snapshot
+    return config_snapshot(str(path))
 
 
 def _diffs(a, b, path=()):

@@ -177,15 +177,8 @@ THESEUS_ARMS = ('ce', 'kd', 'kd_split', 'kd_mpo', 'kd_opdf', 'kd_opdf_random')
 
 def _plain_yaml(path):
     """The YAML as data, tags kept as ``{'!tag': value}`` (nothing imported or called)."""
-    import yaml
-    loader = type('Plain', (yaml.SafeLoader,), {})
-
-    def tagged(ld, suffix, node):
-        value = ld.construct_sequence(node, deep=True) if isinstance(node, yaml.SequenceNode) else \
-            ld.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else ld.construct_scalar(node)
-        return {'!' + suffix: value}
-    loader.add_multi_constructor('!', tagged)
-    return yaml.load(path.read_text(), Loader=loader)
+    from opdf_torchdistill.cli.common import config_snapshot
+    return config_snapshot(str(path))
 
 
 def test_theseus_recipes_mirror_the_vit_pair():

@@ -338,13 +338,8 @@ def customize_lr_config(config: dict, dataset_dict: Mapping, world_size: int = 1
 def hf_load(what: str, load, **kwargs):
     """``load(**kwargs)`` (a ``from_pretrained``), with an unreachable or missing model (transformers'
     several-line ``OSError``) as one line naming ``what`` (the config key) and the path."""
-    try:
-        return load(**kwargs)
-    except OSError as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise OSError(f'{what}: cannot load {kwargs.get("pretrained_model_name_or_path")!r}: {first} (offline? download '
-                      f'it and point {what} at its folder)') from None
+    from ..hf import _one_line_os_error
+    return _one_line_os_error(what, kwargs, load)
 
 
 def load_tokenizer_and_model(model_config: Mapping, task_name: str | None, prioritizes_dst_ckpt: bool = False,
