@@ -570,6 +570,45 @@ def test_committed_fashion_tables_are_reproduced_from_their_records(capsys, monk
     assert '\n--8<-- "docs/results/fashion.md"\n' in (ROOT / 'docs' / 'results-fashion.md').read_text()
 
 
+def test_committed_confirmatory_tables_are_reproduced_from_their_records(capsys, monkeypatch):
+    """The confirmatory study's tables (``docs/results/fashion_confirm.md``, included by
+    ``docs/results-confirm.md``), byte for byte from the committed records, none stale: regenerated
+    whenever records are committed, while the study runs and after."""
+    monkeypatch.chdir(ROOT)
+    expected = (ROOT / 'docs' / 'results' / 'fashion_confirm.md').read_text()
+    assert ablate.main(['report', '--study', str(ROOT / 'configs' / 'fashion' / 'confirm' / 'study.yaml')]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected and 'stale' not in captured.err.lower()
+    assert '\n--8<-- "docs/results/fashion_confirm.md"\n' in (ROOT / 'docs' / 'results-confirm.md').read_text()
+
+
+def test_report_tables_prints_the_chosen_sections_as_the_full_report_prints_them(capsys, monkeypatch):
+    """``report --study SPEC --tables contrasts`` (what a README quotes) is, byte for byte, the contrasts
+    sections of the full report; any choice of tables is the full report's sections in report order."""
+    monkeypatch.chdir(ROOT)
+    spec = str(ROOT / 'configs' / 'fashion' / 'confirm' / 'study.yaml')
+
+    def report(*extra):
+        assert ablate.main(['report', '--study', spec, *extra]) == 0
+        return capsys.readouterr().out
+
+    full = report()
+    sections = re.split(r'(?=^#### )', full, flags=re.M)
+    kinds = ['contrasts' if ': contrasts (' in t else 'tuning' if ': tuning budget' in t else
+             'final' if ': test accuracy at' in t else 'selection' for t in sections if t]
+    assert kinds == ['selection', 'tuning', 'final', 'contrasts'] * 2
+    for chosen in (['contrasts'], ['final', 'selection'], ['tuning']):
+        expected = ''.join(t for t, kind in zip([t for t in sections if t], kinds) if kind in chosen)
+        assert report('--tables', *chosen) == expected.rstrip('\n') + ('\n' if full.endswith('\n') else '')
+    with pytest.raises(SystemExit):
+        ablate.main(['report', '--study', spec, '--tables', 'contrast'])
+    assert 'invalid choice' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match='--tables applies to --study reports only'):
+        ablate.main(['report', '--out', 'x.jsonl', '--tables', 'contrasts'])
+    with pytest.raises(ValueError, match='valid are selection, tuning, final, contrasts'):
+        study.study_tables(study.load_study(spec), {}, sections=['everything'])
+
+
 def test_the_study_package_does_not_import_the_command_line_layer():
     """``opdf_torchdistill/study`` imports ``opdf_torchdistill.cli`` nowhere at module level; the runner
     starts the trainer as a program, and its rule for the resume checkpoint is the trainer's."""
@@ -870,6 +909,18 @@ def test_a_protocol_study_extends_inherits_resumes_and_reports(workspace, monkey
     assert [r['verdict'] for r in rows[4:]] == ['different', 'equivalent', 'inconclusive']
     assert rows[2]['budget'] == 5 and rows[2]['inherit'] == 'mpo' and rows[2]['edge'] == [LAMBDA]
 
+    from opdf_torchdistill.study import plots  # a pair with contrasts plots them (a forest plot), not vs baseline
+    panels = []
+    monkeypatch.setattr(plots, '_contrast_panel', lambda ax, declared, pair: panels.append((pair, declared)))
+    assert ablate.main(['report', '--study', str(spec.path), '--plots', str(workspace / 'plots')]) == 0
+    assert capsys.readouterr().out == PROTOCOL_EXPECTED
+    assert (workspace / 'plots' / 'protocol.png').stat().st_size > 0
+    assert [(pair, [r['contrast'] for r in declared]) for pair, declared in panels] == [
+        ('p', ['alignment', 'teacher', 'over-parameterization'])]
+    monkeypatch.undo()
+    path = plots.plot_study(rows, {'p': 'Protocol pair'}, {'p': None}, workspace / 'plots' / 'real.png')
+    assert path.stat().st_size > 0  # the real forest plot draws
+
 
 def _tost_by_hand(diffs, margin):
     n, mean = len(diffs), sum(diffs) / len(diffs)
@@ -1015,3 +1066,24 @@ def test_the_confirmatory_fashion_study_plans_its_selection_runs_and_waits_for_i
     assert "    kd_opdf: waiting for kd_mpo's selected setting (lr); then selection lambda (4)" in text
     assert "    kd_opdf_random: waiting for kd_opdf's selected setting (lr, lambda); then no tuning" in text
     assert text.count('selection lr (5) = 5 points x 2 seeds: 10 runs') == 8
+
+
+def test_reproduce_compares_every_metric_exactly_and_names_ambiguous_keys(workspace):
+    from opdf_torchdistill.study.reproduce import choose_records, compare_metrics
+    recorded = {'test_acc1': 88.18, 'test_loss': 0.33088525161743165, 'train_params': 10, 'train_seconds': 159.6,
+                'grad_norms': {'kd': 1.7772296723311292, 'opdf': 0.5}}
+    same = dict(recorded, train_seconds=1.0, train_params=10.0, grad_norms=dict(recorded['grad_norms']))
+    assert compare_metrics(recorded, same) == ([], 5)  # timing left out; 10 and 10.0 are one JSON number
+    now = dict(same, test_loss=0.3308852516174317, grad_norms={'kd': 1.7772296723311292}, alignment=1)
+    assert compare_metrics(recorded, now) == ([('alignment', 'absent', 1), ('grad_norms.opdf', 0.5, 'absent'),
+                                               ('test_loss', 0.33088525161743165, 0.3308852516174317)], 6)
+    assert compare_metrics({'x': True}, {'x': 1})[0] == [('x', True, 1)]
+    spec = _select_spec(workspace, {'kd': {'grid': {LR: [0.1]}}})
+    base = {'config': str(workspace / 'kd.yaml'), 'name': 'kd', 'overrides': {LR: 0.1}, 'status': 'ok', 'metrics': {}}
+    lines = [dict(base, key='abc1', seed=100, finished='2026-11-29T10:00:00Z'),
+             dict(base, key='abc2', seed=101, finished='2026-11-29T09:00:00Z')]
+    (workspace / 'protocol.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+    with pytest.raises(study.StudyError, match=r"prefix 'abc' matches 2 records \(abc1, abc2\); give more"):
+        choose_records(spec, keys=['abc'])
+    assert [r['key'] for _, r in choose_records(spec, each=True)] == ['abc2']  # the earliest finished
+    assert [r['key'] for _, r in choose_records(spec, keys=['abc1', 'abc1'], each=True)] == ['abc1', 'abc2']

@@ -323,6 +323,42 @@ def test_opdf_train_submits_one_run_as_a_two_task_ddp_job(launched):
     assert (single / 'ddp.pt').is_file() and json.loads((single / 'm.json').read_text())['test']['acc1'] > 0
 
 
+def test_reproduce_trains_a_recorded_run_again_and_names_every_metric_that_differs(launched, monkeypatch, capsys):
+    """``opdf-ablate reproduce``: the smoke study's first run, trained again, is identical in every metric
+    but timing (exit 0); a record whose test accuracy was edited is named as different, metric by metric
+    (exit 1); a record whose config hash no longer matches is not trained (changed); the records are not
+    written."""
+    monkeypatch.chdir(ROOT)
+    tmp, local = launched['tmp'], launched['local']
+    records = tmp / 'local' / 'records.jsonl'
+    before = records.read_bytes()
+    capsys.readouterr()
+    assert ablate.main(['reproduce', str(launched['specs']['local']), '--each']) == 0
+    out = capsys.readouterr().out
+    first = min(local, key=lambda r: (r['finished'], r['key']))
+    assert f'[key {first["key"]}]: same, ' in out and '1 of 1 run(s) reproduced exactly' in out, out
+    assert records.read_bytes() == before and not list((tmp / 'local' / 'work').glob('reproduce-*'))
+
+    edited_spec = _smoke_spec(tmp, 'edited')
+    edited = [dict(r, metrics=dict(r['metrics'])) for r in local]
+    target = next(r for r in edited if r['phase'] == 'final')
+    target['metrics']['test_acc1'] = round(target['metrics']['test_acc1'] + 0.5, 2)
+    moved = next(r for r in edited if r is not target)
+    moved['config_hash'] = '0' * 16  # as if the config had been edited since
+    (tmp / 'edited').mkdir(exist_ok=True)
+    (tmp / 'edited' / 'records.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in edited))
+    assert ablate.main(['reproduce', str(edited_spec), '--key', target['key'][:6], moved['key']]) == 1
+    out = capsys.readouterr().out
+    assert f'[key {target["key"]}]: DIFFERENT in 1 of ' in out, out
+    assert f'      test_acc1: recorded {target["metrics"]["test_acc1"]!r}, now ' in out
+    assert f'[key {moved["key"]}]: CHANGED, not trained: config hash {"0" * 16} then, ' in out
+    assert '0 of 2 run(s) reproduced exactly, 1 different, 1 changed' in out
+    assert ablate.main(['reproduce', str(edited_spec)]) == 1
+    assert ablate.main(['reproduce', str(edited_spec), '--key', 'zzzz']) == 1
+    err = capsys.readouterr().err
+    assert 'name the runs: --key KEY' in err and "has a key starting with 'zzzz'" in err
+
+
 def test_a_run_that_failed_k_times_is_reported_failed_with_its_log_and_not_submitted(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     spec_path = _smoke_spec(tmp_path, 'failing')

@@ -1,6 +1,6 @@
 """``opdf-ablate`` (``tools/ablate.py``): the command line of :mod:`opdf_torchdistill.study`.
 
-Five commands:
+Six commands:
 
 ``run``
     trains every (config, seed, grid point) that ``--out`` does not hold yet and appends one record
@@ -16,11 +16,15 @@ Five commands:
 ``status SPEC``
     every planned run as done, queued, running, failed or not submitted, with job ids and attempts,
     and the end of the log of a failed run.
+``reproduce SPEC``
+    trains recorded runs again (``--key KEY...`` or ``--each``: the first record of every arm) the way the
+    study trained them, and compares every metric but timing with the record, exactly; exit status 1
+    when one differs. Records are never written.
 ``compact FILE...``
     folds the per-run record files (``FILE.d/``, written by cluster jobs) into ``FILE``.
 ``report``
     prints the tables: with ``--study SPEC`` the selection, tuning, final and contrasts tables per
-    pair (Markdown, reproducible byte for byte from the records); with ``--out FILES`` the per-config
+    pair (Markdown, reproducible byte for byte from the records; ``--tables`` picks some); with ``--out FILES`` the per-config
     summary (``--tune``, ``--baseline``, plots).
 
 What a record key hashes, the spec format, the statistics and the tables are documented in the
@@ -34,6 +38,7 @@ Examples::
     python tools/ablate.py study configs/ilsvrc2012/study.yaml --launcher slurm --launcher_set partition=gpu
     python tools/ablate.py status configs/ilsvrc2012/study.yaml
     python tools/ablate.py report --study configs/fashion/study.yaml
+    python tools/ablate.py reproduce configs/fashion/confirm/study.yaml --each --pairs cnn
     python tools/ablate.py run --configs configs/digits/kd.yaml configs/digits/kd_opdf.yaml \\
         --seeds 0 1 2 3 4 --grid train.optimizer.kwargs.lr=0.05,0.1,0.2 --out runs/ablation/digits.jsonl
     python tools/ablate.py report --out runs/ablation/digits.jsonl --tune train.optimizer.kwargs.lr \\
@@ -132,6 +137,15 @@ def get_parser() -> argparse.ArgumentParser:
     _launcher_args(q)
     q.add_argument('--tail', type=int, default=20, help='lines of a failed run\'s log to show')
 
+    q = sub.add_parser('reproduce', help='train recorded runs of a study again and compare every metric with the '
+                                         'record, exactly (records are never written)')
+    q.add_argument('spec', help='study spec (YAML)')
+    q.add_argument('--pairs', nargs='*', help='only these pairs of the spec (default: all)')
+    q.add_argument('--key', dest='keys', nargs='+', default=[], metavar='KEY',
+                   help='record keys (or unique prefixes) of the runs to train again')
+    q.add_argument('--each', action='store_true', help='the earliest finished record of every arm')
+    q.add_argument('--jobs', type=int, default=1, help='runs at a time (each in a subprocess)')
+
     q = sub.add_parser('compact', help='fold per-run record files (FILE.d/, from cluster jobs) into FILE')
     q.add_argument('records', nargs='+', help='record files (JSON lines)')
 
@@ -139,6 +153,8 @@ def get_parser() -> argparse.ArgumentParser:
     q.add_argument('--out', nargs='+', help='one or more JSON-lines record files')
     q.add_argument('--study', help='a study spec: print its selection and final tables (Markdown)')
     q.add_argument('--pairs', nargs='*', help='with --study: only these pairs')
+    q.add_argument('--tables', nargs='+', choices=study.SECTIONS, default=list(study.SECTIONS),
+                   help='with --study: only these tables (default: all), e.g. --tables contrasts for a README')
     _common_report_args(q)
     return p
 
@@ -201,6 +217,12 @@ def _main(args) -> int:
         spec = study.load_study(args.spec)
         study_status(spec, args.pairs, launcher_for(spec, args.launcher, args.launcher_set), tail=args.tail)
         return 0
+    if args.command == 'reproduce':
+        if args.jobs < 1:
+            raise SystemExit('--jobs must be >= 1')
+        from ..study.reproduce import reproduce_study
+        outcomes = reproduce_study(study.load_study(args.spec), args.pairs, args.keys, args.each, args.jobs)
+        return 0 if all(o.status == 'same' for o in outcomes) else 1
     if args.command == 'compact':
         for path in args.records:
             n = study.compact_records(path)
@@ -226,12 +248,14 @@ def _main(args) -> int:
             raise SystemExit(f'report --study: {", ".join(ignored)} appl{"y" if len(ignored) > 1 else "ies"} to '
                              f'--out reports only (a study spec sets its own baseline and grids); with --study give '
                              f'--pairs, --summary_json, --plots')
-        study.report_study(args.study, args.pairs, args.summary_json, args.plots)
+        study.report_study(args.study, args.pairs, args.summary_json, args.plots, args.tables)
         return 0
     if not args.out:
         raise SystemExit('report: give --study SPEC or --out FILES')
     if args.pairs:
         raise SystemExit('report: --pairs applies to --study reports only')
+    if list(args.tables) != list(study.SECTIONS):
+        raise SystemExit('report: --tables applies to --study reports only')
     study.report_records(study.load_records(*args.out), **_report_args(args))
     return 0
 

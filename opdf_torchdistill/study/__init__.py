@@ -17,6 +17,8 @@ The package behind ``opdf-ablate`` (``tools/ablate.py``), one concept per module
     effects and verdicts of contrasts, per-config summaries.
 ``report``
     the tables (Markdown for studies, plain text for ablations), byte for byte from the records.
+``reproduce``
+    recorded runs trained again and compared with their records, metric by metric, exactly.
 ``plots``
     matplotlib figures (the ``study`` extra).
 ``trainers``
@@ -44,7 +46,8 @@ Examples::
 from .records import (DONE, INPUT_KEYS, RecordError, RunIdentity, append_record, compact_records, config_hash,
                       environment, find_stale, input_hashes, load_records, record_finder, resolved_config, run_dir,
                       run_identity, run_key, without_stale, write_run_record)
-from .report import format_summary, report_records, report_study, study_tables
+from .report import SECTIONS, format_summary, report_records, report_study, study_tables
+from .reproduce import reproduce_study
 from .runner import Progress, Task, prepare_teachers, run_ablation, run_study, study_plan, teacher_state
 from .selection import edge_keys, extension_value, inheritance_order, select_settings
 from .spec import (EDGE_RULES, LAUNCHERS, TRAINERS, Arm, Contrast, Launcher, Pair, Study, StudyError, load_study,
@@ -53,7 +56,7 @@ from .stats import contrasts, holm, mde_paired, mean_ci, paired_difference, summ
 
 __all__ = ['DONE', 'INPUT_KEYS', 'RecordError', 'RunIdentity', 'append_record', 'config_hash', 'environment', 'find_stale',
            'input_hashes', 'load_records', 'record_finder', 'resolved_config', 'run_identity', 'run_key',
-           'without_stale', 'format_summary', 'report_records', 'report_study', 'study_tables', 'Progress', 'Task',
+           'without_stale', 'SECTIONS', 'format_summary', 'report_records', 'report_study', 'study_tables', 'reproduce_study', 'Progress', 'Task',
            'prepare_teachers', 'run_ablation', 'run_study', 'study_plan', 'teacher_state', 'edge_keys',
            'extension_value', 'inheritance_order', 'select_settings', 'EDGE_RULES', 'Arm', 'Contrast', 'Pair', 'Study',
            'StudyError', 'load_study', 'pick_pairs', 'contrasts', 'holm', 'mde_paired', 'mean_ci', 'paired_difference',

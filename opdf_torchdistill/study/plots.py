@@ -117,21 +117,46 @@ def plot_lr(rows: Sequence[dict], lr_key: str, path: Path, title: str) -> Path |
     return _save_figure(fig, path)
 
 
+def _contrast_panel(ax, rows: Sequence[dict], pair: str) -> None:
+    """A forest plot of a pair's declared contrasts: mean paired difference with its 95 % interval,
+    the equivalence band +-margin shaded behind each, the verdict in the label."""
+    ys = list(range(len(rows)))[::-1]  # the first contrast on top
+    for y, r in zip(ys, rows):
+        if r.get('margin') is not None:
+            ax.fill_betweenx([y - 0.35, y + 0.35], -r['margin'], r['margin'], color='C2', alpha=0.15, lw=0)
+        if not math.isnan(r['mean']):
+            ax.errorbar([r['mean']], [y], xerr=[[0.0 if math.isnan(r['ci95']) else r['ci95']]] * 2, fmt='o',
+                        capsize=4, color='C3' if r['family'] != 'primary' else 'C0')
+    ax.axvline(0.0, color='gray', lw=1)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([f'{r["contrast"]}\n{r["arms"][0]} - {r["arms"][1]} (n {r["n"]}): {r["verdict"]}'
+                        for r in rows], fontsize=7)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel('paired difference in test accuracy (points)')
+    ax.set_title(f'{pair}: declared contrasts, 95 % CI; shaded: equivalence margin', fontsize=8)
+    ax.grid(axis='x', alpha=0.3)
+
+
 def plot_study(summary: Sequence[dict], titles: Mapping[str, str], baselines: Mapping[str, str | None],
                path: Path) -> Path:
     """One row per pair: test accuracy per arm (mean, 95 % interval, seeds as dots) and, where the pair
-    has a baseline, each arm's paired difference to it over the same seeds (mean and 95 % interval)."""
+    declares contrasts (rows with ``contrast``), a forest plot of them; else, where it has a baseline,
+    each arm's paired difference to it over the same seeds (mean and 95 % interval)."""
     plt = _pyplot()
     pairs = list(dict.fromkeys(r['pair'] for r in summary))
     fig, axes = plt.subplots(len(pairs), 2, figsize=(11, 3.9 * len(pairs)), squeeze=False)
     for row, pair in zip(axes, pairs):
-        rows = [r for r in summary if r['pair'] == pair]
+        declared = [r for r in summary if r['pair'] == pair and 'contrast' in r]
+        rows = [r for r in summary if r['pair'] == pair and 'arm' in r]
         xs = list(range(len(rows)))
         labels = [r['arm'] for r in rows]
         _accuracy_panel(row[0], labels, [r['test_mean'] for r in rows], [r['test_ci95'] for r in rows],
                         [r['per_seed'].values() for r in rows])
         row[0].set_title(textwrap.fill(titles.get(pair, pair), 60), fontsize=8)
         baseline, ax = baselines.get(pair), row[1]
+        if declared:
+            _contrast_panel(ax, declared, pair)
+            continue
         if not baseline:
             ax.axis('off')
             continue

@@ -47,7 +47,7 @@ from .selection import select_settings
 from .spec import Arm, Pair, Study, load_study, pick_pairs
 from .stats import ALPHA, POWER, contrasts, holm, mean_ci, paired_difference, summarize
 
-__all__ = ['study_tables', 'format_summary', 'report_study', 'report_records']
+__all__ = ['SECTIONS', 'study_tables', 'format_summary', 'report_study', 'report_records']
 
 
 def _fmt(value: float, spec: str = '.2f') -> str:
@@ -66,17 +66,26 @@ def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return '\n'.join(lines)
 
 
+SECTIONS = ('selection', 'tuning', 'final', 'contrasts')
+
+
 def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
-                 pairs: Sequence[str] | None = None) -> tuple[str, list[dict]]:
+                 pairs: Sequence[str] | None = None, sections: Sequence[str] = SECTIONS) -> tuple[str, list[dict]]:
     """The Markdown tables of a study (selection, tuning, final and contrasts per pair; see the module
     docstring) and their rows as data: one per arm with final results (``arm``, its setting, test
     statistics, ``vs_baseline``, and its tuning ``budget``, ``inherit`` and ``edge`` keys), then one per
     contrast (``contrast``, ``arms`` and the statistics of :func:`~opdf_torchdistill.study.stats.contrasts`).
 
     Records are matched by config hash (``find_stale``'s stale ones never match); everything printed is
-    a function of the records and the spec, so the text is reproduced byte for byte.
+    a function of the records and the spec, so the text is reproduced byte for byte. ``sections``: the
+    tables to print, of :data:`SECTIONS` (the rows returned are always all of them); a README that quotes
+    the contrasts quotes ``sections=['contrasts']``, byte for byte.
     """
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f'report sections {unknown or "(none)"}: valid are {", ".join(SECTIONS)}')
     out, summary = [], []
+    marks: list[tuple[str, int]] = []  # (section, where its text starts in out)
     for pair in pick_pairs(study, pairs):
         records = records_by_pair.get(pair.name, [])
         hashes: dict[str, str | None] = {}
@@ -95,6 +104,7 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
         axes = list(dict.fromkeys(k for arm in pair.arms for k in arm.axes))
         labels = [study.labels.get(k, short_key(k)) for k in axes]
         seeds_txt = ', '.join(map(str, pair.select_seeds))
+        marks.append(('selection', len(out)))
         out.append(f'#### {pair.title}: selection on validation (seed{"s" if len(pair.select_seeds) > 1 else ""} '
                    f'{seeds_txt})')
         out.append('')
@@ -127,6 +137,7 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
         out.append(_markdown(['arm'] + labels + ['val acc@1 (%)', 'selected'], rows))
         out.append('')
         if pair.edge_rule != 'none' or pair.contrasts or any(a.inherit for a in pair.arms):
+            marks.append(('tuning', len(out)))
             out += _tuning_table(study, pair, selection)
         # final table
         per_arm: dict[str, Any] = {}
@@ -179,6 +190,7 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
                             'test_std': std, 'test_ci95': half, 'ratio': entry['ratio'], 'per_seed': entry['test'],
                             'vs_baseline': comparisons.get(arm.name), 'budget': selection[arm.name]['budget'],
                             'inherit': arm.inherit, 'edge': selection[arm.name]['edge']})
+        marks.append(('final', len(out)))
         out.append(f'#### {pair.title}: test accuracy at the selected setting (seeds {", ".join(map(str, pair.seeds))})')
         out.append('')
         out.append(_markdown(headers, rows))
@@ -189,9 +201,12 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
         out.append('')
         if pair.contrasts:
             text, rows = _contrasts_table(pair, per_arm)
+            marks.append(('contrasts', len(out)))
             out += text
             summary += rows
-    return '\n'.join(out), summary
+    ends = [start for _, start in marks[1:]] + [len(out)]
+    kept = [line for (section, start), end in zip(marks, ends) if section in sections for line in out[start:end]]
+    return '\n'.join(kept), summary
 
 
 def _tuning_table(study: Study, pair: Pair, selection: Mapping[str, dict]) -> list[str]:
@@ -305,9 +320,9 @@ def format_summary(rows: Sequence[dict], tune: Sequence[str] = (), baseline: str
 
 
 def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: str | None = None,
-                 plots: str | None = None) -> str:
-    """Print a study's tables on stdout (stale records are left out and listed on stderr); optionally
-    write the rows as JSON and the plot ``PLOTS/STUDY.png``. Returns the text printed."""
+                 plots: str | None = None, sections: Sequence[str] = SECTIONS) -> str:
+    """Print a study's tables (``sections`` of them) on stdout (stale records are left out and listed on
+    stderr); optionally write the rows as JSON and the plot ``PLOTS/STUDY.png``. Returns the text printed."""
     study = load_study(spec)
     chosen = pick_pairs(study, pairs)
     by_pair = {}
@@ -315,15 +330,14 @@ def report_study(spec: str, pairs: Sequence[str] | None = None, summary_json: st
         records = load_records(pair.records)
         warn_stale(find_stale(records))
         by_pair[pair.name] = records
-    text, rows = study_tables(study, by_pair, [p.name for p in chosen])
+    text, rows = study_tables(study, by_pair, [p.name for p in chosen], sections)
     sys.stdout.write(text)
     sys.stdout.flush()
     if summary_json:
         atomic_write_json(rows, summary_json)
     if plots:
         from .plots import plot_study
-        arm_rows = [r for r in rows if 'arm' in r]  # not the contrasts
-        written = plot_study(arm_rows, {p.name: p.title for p in chosen}, {p.name: p.baseline for p in chosen},
+        written = plot_study(rows, {p.name: p.title for p in chosen}, {p.name: p.baseline for p in chosen},
                              Path(plots) / f'{study.name}.png')
         print(f'wrote {written}', file=sys.stderr)  # stdout is the tables (README, tests)
     return text
