@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import opdf_torchdistill  # noqa: F401
-from opdf_torchdistill import mpo_modules, overparameterize, plan
+from opdf_torchdistill import overparameterize, plan
 from opdf_torchdistill.alignment import NOT_REPORTED, CoreAligner, MatchError, pair_layers
 from opdf_torchdistill.options import OptionError
 from opdf_torchdistill.plugin import AuxTensorAlignmentLoss, attach_probe

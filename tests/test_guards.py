@@ -17,7 +17,6 @@ from torch import nn
 from opdf_torchdistill import overparameterize
 from opdf_torchdistill.cli import export as export_cli
 from opdf_torchdistill.cli import train as train_cli
-from opdf_torchdistill.cli.common import ConfigError
 from opdf_torchdistill.cli.config_guard import UnsafeConfigError
 from opdf_torchdistill.io import CheckpointError, load_checkpoint
 from opdf_torchdistill.options import OptionError

@@ -1,5 +1,4 @@
 """The MPO math: exactness, the gauge, the cost model, and an independent oracle (tensorly)."""
-import itertools
 import math
 
 import pytest

@@ -10,9 +10,9 @@ import torch
 
 from opdf_torchdistill.cli import export as export_cli
 from opdf_torchdistill.cli import train as train_cli
-from opdf_torchdistill.cli.train import get_parser, run
+from opdf_torchdistill.cli.train import run
 from opdf_torchdistill.io import CheckpointError, UnsafeCheckpointError, load_checkpoint
-from conftest import FAKE_KD_OPDF, ROOT, fake_run_args
+from conftest import FAKE_KD_OPDF, fake_run_args
 
 CONFIG = FAKE_KD_OPDF
 
