@@ -110,14 +110,18 @@ def test_api_page_documents_the_core_functions(site):
         assert f'id="opdf_torchdistill.{name}"' in page, name
 
 
-def test_results_page_shows_the_fashion_tables_the_report_reproduces(site):
-    """``docs/results/fashion.md`` (reproduced byte for byte from the records by test_ablate) is the one
-    copy of the tables; the Fashion-MNIST page includes it, and every row is in the built page."""
-    tables = (DOCS / 'results' / 'fashion.md').read_text()
-    assert '--8<-- "docs/results/fashion.md"' in (DOCS / 'results-fashion.md').read_text()
-    page = _page(site, 'results-fashion')
-    rows = [line for line in tables.splitlines() if line.startswith('| ') and not line.startswith('| arm |')]
-    assert len(rows) > 60
+@pytest.mark.parametrize('tables_file, page_name, least', [('fashion.md', 'results-fashion', 60),
+                                                            ('fashion_confirm.md', 'results-confirm', 60)])
+def test_results_pages_show_the_tables_the_report_reproduces(site, tables_file, page_name, least):
+    """``docs/results/<study>.md`` (reproduced byte for byte from the records by test_ablate) is the one
+    copy of a study's tables; its results page includes it, and every row is in the built page."""
+    tables = (DOCS / 'results' / tables_file).read_text()
+    assert f'--8<-- "docs/results/{tables_file}"' in (DOCS / f'{page_name}.md').read_text()
+    page = _page(site, page_name)
+    lines = tables.splitlines()
+    headers = {line for line, below in zip(lines, lines[1:]) if below.startswith('|---')}
+    rows = [line for line in lines if line.startswith('| ') and line not in headers]
+    assert len(rows) > least
     for row in rows:
         cells = [html.escape(c.strip(), quote=False) for c in row.strip('|').split('|')]
         assert '<tr>\n' + ''.join(f'<td>{c}</td>\n' for c in cells) + '</tr>' in page, row
