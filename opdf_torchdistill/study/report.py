@@ -154,7 +154,7 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
             per_arm[arm.name] = {'chosen': chosen, 'test': test, 'diverged': sum(
                 1 for r in found.values() if r is not None and r['status'] != 'ok'),
                 'missing': sum(1 for r in found.values() if r is None),
-                'ratio': statistics.fmean(ratios) if ratios else 1.0}
+                'ratio': statistics.fmean(ratios) if ratios else 1.0 if ok else None}  # None: nothing ran yet
         base = per_arm.get(pair.baseline) if pair.baseline else None
         comparisons = {}
         for arm in pair.arms:
@@ -179,7 +179,7 @@ def study_tables(study: Study, records_by_pair: Mapping[str, Sequence[dict]],
                 + (f' ({entry["missing"]} missing)' if entry['missing'] else '')
             ci = f'[{_fmt(mean - half)}, {_fmt(mean + half)}]'
             row = [arm.name] + [str(entry['chosen'].get(k, '-')) for k in axes] + [n, _fmt(mean), ci,
-                                                                                   f'{entry["ratio"]:.2f}']
+                                                                                   _fmt(entry['ratio'])]
             if pair.baseline:
                 c = comparisons.get(arm.name)
                 row += ['-', '-', '-'] if c is None else [f'{_fmt(c["mean"], "+.2f")} +- {_fmt(c["ci95"])}',
