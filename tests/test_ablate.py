@@ -1087,3 +1087,13 @@ def test_reproduce_compares_every_metric_exactly_and_names_ambiguous_keys(worksp
         choose_records(spec, keys=['abc'])
     assert [r['key'] for _, r in choose_records(spec, each=True)] == ['abc2']  # the earliest finished
     assert [r['key'] for _, r in choose_records(spec, keys=['abc1', 'abc1'], each=True)] == ['abc1', 'abc2']
+
+    from opdf_torchdistill.study.reproduce import reproduce_study  # a record whose config is gone: not trained
+    (workspace / 'protocol.jsonl').write_text(json.dumps(dict(lines[0], config=str(workspace / 'gone.yaml'))) + '\n')
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, '_execute', lambda *a, **k: pytest.fail('a changed run was trained'))
+        (outcome,) = reproduce_study(spec, keys=['abc1'], stream=out)
+    assert outcome.status == 'changed' and 'gone.yaml does not exist' in outcome.note
+    assert '[key abc1]: CHANGED, not trained: its config cannot be read as recorded' in out.getvalue()
+    assert '0 of 1 run(s) reproduced exactly, 1 changed' in out.getvalue()

@@ -136,7 +136,10 @@ def _check_same_run(record: dict, device: str) -> str:
 
 def _reproduce_one(study: Study, pair: Pair, record: dict, workdir: Path) -> Reproduction:
     from .runner import _execute
-    changed = _check_same_run(record, study.device)
+    try:
+        changed = _check_same_run(record, study.device)
+    except (OSError, ValueError) as exc:  # its config is gone, or no longer takes its overrides
+        changed = f'its config cannot be read as recorded: {exc}'
     if changed:
         return Reproduction(pair.name, record, 'changed', note=changed)
     start = time.perf_counter()
