@@ -71,16 +71,15 @@ def compare_metrics(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> tupl
     new = {k: v for k, v in _flatten(now).items() if k not in _TIMING}
     names = sorted(set(old) | set(new))
     differences = [(name, old.get(name, 'absent'), new.get(name, 'absent')) for name in names
-                   if name not in old or name not in new or old[name] != new[name]
-                   or type(old[name]) is not type(new[name]) and not _same_number(old[name], new[name])]
+                   if name not in old or name not in new or not _identical(old[name], new[name])]
     return differences, len(names)
 
 
-def _same_number(a: Any, b: Any) -> bool:
-    """1 and 1.0 are one value (JSON does not keep the difference); True and 1 are not."""
-    numbers = (int, float)
-    return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
-            and not isinstance(b, bool) and a == b)
+def _identical(a: Any, b: Any) -> bool:
+    """Equal and of one kind: 1 and 1.0 are one value (JSON does not keep the difference); True and 1 are not."""
+    if a != b:
+        return False
+    return type(a) is type(b) or not isinstance(a, bool) and not isinstance(b, bool)
 
 
 def choose_records(study: Study, pairs: Sequence[str] | None = None, keys: Sequence[str] = (),
