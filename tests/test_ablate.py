@@ -269,6 +269,12 @@ def test_paired_statistics_and_holm_on_known_numbers():
     adjusted = study.holm([0.5, math.nan, 0.2])
     assert adjusted[0] == pytest.approx(0.5) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.4)
     assert study.holm([0.6, 0.7]) == [1.0, 1.0] and study.holm([]) == []
+    # a declared family of 3 with one p-value so far: corrected as one of 3 (x3), not alone
+    adjusted = study.holm([0.02, math.nan, math.nan], family_size=3)
+    assert adjusted[0] == pytest.approx(0.06) and math.isnan(adjusted[1]) and math.isnan(adjusted[2])
+    assert study.holm([0.01, 0.04], family_size=3) == pytest.approx([0.03, 0.08])
+    with pytest.raises(ValueError, match='family_size 1 is smaller than the 2 p-values'):
+        study.holm([0.01, 0.04], family_size=1)
 
 
 def test_progress_eta_uses_each_arms_mean_time():
@@ -897,6 +903,23 @@ def test_a_protocol_study_extends_inherits_resumes_and_reports(workspace, monkey
     study.run_study(spec, stream=io.StringIO())
     assert len(calls) == 56  # all recorded: nothing trains again
 
+    # read mid-finals (two of opdf's final runs not recorded yet): the contrasts that need them give
+    # numbers but no verdict, the complete one keeps its verdict, and the note counts what is missing
+    path = workspace / 'protocol.jsonl'
+    complete = path.read_text()
+    lines = complete.splitlines(keepends=True)
+    opdf_finals = [i for i, line in enumerate(lines) if json.loads(line)['phase'] == 'final'
+                   and json.loads(line)['config'].endswith('opdf.yaml')]
+    path.write_text(''.join(line for i, line in enumerate(lines) if i not in opdf_finals[-2:]))
+    capsys.readouterr()
+    assert ablate.main(['report', '--study', str(spec.path), '--tables', 'contrasts']) == 0
+    partial = capsys.readouterr().out
+    verdicts = {row.split(' | ')[0].lstrip('| '): row.rsplit(' | ', 1)[1].rstrip(' |')
+                for row in partial.splitlines()[3:] if row.startswith('| ') and ' - ' in row.split(' | ')[1]}
+    assert verdicts == {'alignment': 'incomplete', 'teacher': 'incomplete', 'over-parameterization': 'inconclusive'}
+    assert 'incomplete: 2 declared final run(s) of these arms not recorded yet' in partial
+    path.write_text(complete)
+
     capsys.readouterr()
     assert ablate.main(['report', '--study', str(spec.path), '--summary_json', str(workspace / 's.json')]) == 0
     first = capsys.readouterr()
@@ -975,6 +998,12 @@ def test_contrasts_holm_within_family_tost_and_verdicts_on_constructed_differenc
     assert study.verdict(math.nan, None) == 'n/a'
     assert study.contrasts([{'name': 'x', 'family': 'f', 'margin': 0.5, 'a': {0: 1.0}, 'b': {0: 0.5}}])[0][
         'verdict'] == 'n/a'  # one paired seed: no test
+    # an unfinished contrast (declared runs not recorded yet): numbers, but no verdict, and its family's
+    # Holm counts the contrast that has no data at all yet
+    unfinished = study.contrasts([dict(items[0], pending=2), dict(items[1], a={}, pending=10)])
+    assert [r['verdict'] for r in unfinished] == ['incomplete', 'n/a'] and unfinished[0]['pending'] == 2
+    assert unfinished[0]['p_holm'] == pytest.approx(min(1.0, 2 * out[0]['p']))
+    assert study.verdict(0.01, 0.01, pending=1) == 'incomplete' and study.verdict(math.nan, None, pending=1) == 'n/a'
     # no spread: TOST is decided by the mean alone
     assert study.tost_paired([0.2, 0.2, 0.2], 0.5) == 0.0 and study.tost_paired([0.7, 0.7], 0.5) == 1.0
 

@@ -267,7 +267,8 @@ def _contrasts_table(pair: Pair, per_arm: Mapping[str, Any]) -> tuple[list[str],
     items = []
     for c in pair.contrasts:
         a, b = (per_arm.get(name) for name in c.arms)
-        items.append({'name': c.name, 'family': c.family, 'margin': c.margin,
+        pending = sum(len(pair.seeds) if entry is None else entry['missing'] for entry in (a, b))
+        items.append({'name': c.name, 'family': c.family, 'margin': c.margin, 'pending': pending,
                       'a': a['test'] if a else {}, 'b': b['test'] if b else {}})
     results = contrasts(items)
     rows, summary = [], []
@@ -279,8 +280,14 @@ def _contrasts_table(pair: Pair, per_arm: Mapping[str, Any]) -> tuple[list[str],
                      '-' if r['p_tost'] is None else _fmt_p(r['p_tost']), _fmt(r['mde']), r['verdict']])
         summary.append({'pair': pair.name, 'contrast': c.name, 'arms': list(c.arms), **r})
     families = list(dict.fromkeys(c.family for c in pair.contrasts))
-    sizes = ', '.join(f'{f}: {sum(1 for r in results if r["family"] == f and not math.isnan(r["p"]))}'
-                      for f in families)
+    sizes = []
+    for f in families:
+        members = [r for r in results if r['family'] == f]
+        tested = sum(1 for r in members if not math.isnan(r['p']))
+        sizes.append(f'{f}: {len(members)}' + (f' ({tested} tested so far)' if tested < len(members) else ''))
+    sizes = ', '.join(sizes)
+    arms = dict.fromkeys(name for c in pair.contrasts for name in c.arms)
+    pending = sum(len(pair.seeds) if per_arm.get(name) is None else per_arm[name]['missing'] for name in arms)
     seeds = ', '.join(map(str, pair.seeds))
     out = [f'#### {pair.title}: contrasts (paired over the test seeds {seeds})', '',
            _markdown(['contrast', 'a - b', 'family', 'n', 'mean diff', '95 % CI', 'p (paired t)', 'p (Holm)',
@@ -290,7 +297,9 @@ def _contrasts_table(pair: Pair, per_arm: Mapping[str, Any]) -> tuple[list[str],
            f'the two one-sided paired t-tests against -margin and +margin (Schuirmann 1987). Verdict: different if '
            f'p (Holm) < {ALPHA:g}, else equivalent if p (TOST) < {ALPHA:g}, else inconclusive. MDE: the true '
            f'difference the paired t-test detects with {POWER * 100:.0f} % power at two-sided alpha {ALPHA:g}, '
-           f'(t_{1 - ALPHA / 2:g},n-1 + t_{POWER:g},n-1) x SD / sqrt(n), from the observed SD of the differences.', '']
+           f'(t_{1 - ALPHA / 2:g},n-1 + t_{POWER:g},n-1) x SD / sqrt(n), from the observed SD of the differences.'
+           + (f' incomplete: {pending} declared final run(s) of these arms not recorded yet; no verdict until they are '
+              f'(the Holm correction already counts every declared contrast).' if pending else ''), '']
     return out, summary
 
 

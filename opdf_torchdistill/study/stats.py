@@ -64,11 +64,18 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict:
     return {'n': len(seeds), 'mean': mean, 'ci95': half, 'p': p}
 
 
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error), in the input order; NaN stays NaN and
-    does not count as a comparison."""
+def holm(pvalues: Sequence[float], family_size: int | None = None) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; NaN stays NaN.
+
+    ``family_size`` is the number of comparisons declared in the family, when some of them have no
+    p-value yet (NaN): they count as comparisons not rejected, so a partly run family is corrected as
+    strictly as the whole one. Without it, NaN does not count as a comparison."""
     indexed = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
     m = len(indexed)
+    if family_size is not None:
+        if family_size < m:
+            raise ValueError(f'family_size {family_size} is smaller than the {m} p-values given')
+        m = family_size
     adjusted = [math.nan] * len(pvalues)
     running = 0.0
     for rank, (p, i) in enumerate(indexed):
@@ -116,11 +123,15 @@ def mde_paired(diffs: Sequence[float], alpha: float = ALPHA, power: float = POWE
     return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 
-def verdict(p_holm: float, p_tost: float | None, alpha: float = ALPHA) -> str:
+def verdict(p_holm: float, p_tost: float | None, alpha: float = ALPHA, pending: int = 0) -> str:
     """``different`` if the Holm-adjusted p < alpha; else ``equivalent`` if the TOST p < alpha (only with
-    a margin: ``p_tost`` not ``None``); else ``inconclusive``; ``n/a`` without a test (NaN p)."""
+    a margin: ``p_tost`` not ``None``); else ``inconclusive``; ``n/a`` without a test (NaN p), and
+    ``incomplete`` while ``pending`` declared runs of the contrast have not been recorded (a verdict on
+    part of the seeds would be a peek at an unfinished study)."""
     if p_holm is None or math.isnan(p_holm):
         return 'n/a'
+    if pending:
+        return 'incomplete'
     if p_holm < alpha:
         return 'different'
     if p_tost is not None and not math.isnan(p_tost) and p_tost < alpha:
@@ -132,24 +143,27 @@ def contrasts(items: Sequence[dict], alpha: float = ALPHA) -> list[dict]:
     """Pre-registered contrasts ``a - b`` over the seeds both have, tested and judged.
 
     Each item holds ``name``, ``family``, ``a`` and ``b`` (seed -> value) and ``margin`` (``None``: no
-    equivalence test). Returns, in order, each item's ``name``, ``family``, ``margin`` and ``n``,
-    ``mean``, ``sd``, ``ci95`` (half-width), ``p`` (two-sided paired t), ``p_holm`` (Holm within the
-    item's family), ``p_tost`` (``None`` without a margin), ``mde`` and ``verdict``."""
+    equivalence test), and optionally ``pending`` (declared runs of either arm not recorded yet: the
+    verdict is ``incomplete``). Holm counts every item of a family, tested or not yet. Returns, in order,
+    each item's ``name``, ``family``, ``margin``, ``pending`` and ``n``, ``mean``, ``sd``, ``ci95``
+    (half-width), ``p`` (two-sided paired t), ``p_holm`` (Holm within the item's family), ``p_tost``
+    (``None`` without a margin), ``mde`` and ``verdict``."""
     out = []
     for item in items:
         diffs = _paired_diffs(item['a'], item['b'])
         test = paired_difference(item['a'], item['b'])
         margin = item.get('margin')
-        out.append({'name': item['name'], 'family': item['family'], 'margin': margin, 'n': test['n'],
+        out.append({'name': item['name'], 'family': item['family'], 'margin': margin,
+                    'pending': int(item.get('pending', 0)), 'n': test['n'],
                     'mean': test['mean'], 'sd': statistics.stdev(diffs) if len(diffs) >= 2 else math.nan,
                     'ci95': test['ci95'], 'p': test['p'],
                     'p_tost': None if margin is None else tost_paired(diffs, margin), 'mde': mde_paired(diffs)})
     for family in dict.fromkeys(c['family'] for c in out):
         members = [c for c in out if c['family'] == family]
-        for c, adjusted in zip(members, holm([c['p'] for c in members])):
+        for c, adjusted in zip(members, holm([c['p'] for c in members], family_size=len(members))):
             c['p_holm'] = adjusted
     for c in out:
-        c['verdict'] = verdict(c['p_holm'], c['p_tost'], alpha)
+        c['verdict'] = verdict(c['p_holm'], c['p_tost'], alpha, c['pending'])
     return out
 
 
