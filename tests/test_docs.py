@@ -172,3 +172,56 @@ def test_readme_is_a_front_page_whose_links_resolve():
         assert (ROOT / link).exists(), link
     for page in ('docs/getting-started.md', 'docs/recipes.md', 'docs/results.md', 'docs/cli.md', 'docs/api.md'):
         assert page in local, page
+
+
+def _quote_outputs():
+    spec = importlib.util.spec_from_file_location('quote_outputs', ROOT / 'tools' / 'quote_outputs.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quoted_command_outputs_are_what_the_commands_print_now(capsys):
+    """Every ``<!-- output of: COMMAND -->`` block of the README and the documentation holds, byte for byte,
+    what COMMAND prints from the committed files now: the README's contrast tables of the confirmatory
+    study are ``opdf-ablate report --study ... --tables contrasts`` over the committed records."""
+    quote = _quote_outputs()
+    readme = (ROOT / 'README.md').read_text()
+    commands = [command for command, _, _ in quote.blocks(readme, 'README.md')]
+    assert 'opdf-ablate report --study configs/fashion/confirm/study.yaml --tables contrasts' in commands
+    assert quote.main(['--check']) == 0, capsys.readouterr().out
+
+
+def test_quoting_rewrites_stale_blocks_only_and_names_bad_markers(tmp_path, capsys):
+    quote = _quote_outputs()
+    command = 'opdf-recipes digits/kd'
+    now = quote.run(command)
+    assert now.strip().endswith('kd.yaml')
+    page = tmp_path / 'page.md'
+    text = (f'# Title\n\n<!-- output of: {command} -->\nstale text\n<!-- end of output -->\n\nafter\n\n'
+            f'<!-- output of: {command} -->\n{now}<!-- end of output -->\n')
+    page.write_text(text)
+    assert quote.main(['--check', str(page)]) == 1
+    out = capsys.readouterr()
+    assert '-stale text' in out.out and '1 quoted output(s) differ' in out.err
+    assert page.read_text() == text  # --check changes nothing
+    assert quote.main([str(page)]) == 0
+    assert page.read_text() == text.replace('stale text\n', now)  # the stale block only; the rest kept
+    assert quote.main(['--check', str(page)]) == 0
+    # bad markers and commands: one error naming the page (and the line), exit 2, the page untouched
+    cases = {f'x\n<!-- output of: {command} -->\nno end\n': 'page.md:2: "<!-- output of: opdf-recipes digits/kd -->" '
+                                                             'has no "<!-- end of output -->" line',
+             '<!-- output of: rm -rf / -->\n<!-- end of output -->\n': '"rm -rf /" does not start with one of this '
+                                                                          "project's programs (opdf-ablate,",
+             '<!-- output of: opdf-recipes "x -->\n<!-- end of output -->\n': 'cannot parse',
+             '<!-- output of: opdf-recipes digits/nope -->\n<!-- end of output -->\n': "exited with 2",
+             f'<!-- output of: {command} -->\na<!-- end of output -->\n': 'must be on a line of its own'}
+    for bad, message in cases.items():
+        page.write_text(bad)
+        assert quote.main(['--check', str(page)]) == 2
+        assert message in capsys.readouterr().err
+        assert quote.main([str(page)]) == 2 and page.read_text() == bad
+        capsys.readouterr()
+    with pytest.raises(SystemExit):
+        quote.main([str(tmp_path / 'missing.md')])
+    assert 'missing.md: no such file' in capsys.readouterr().err
