@@ -588,6 +588,33 @@ def test_committed_confirmatory_tables_are_reproduced_from_their_records(capsys,
     assert '\n--8<-- "docs/results/fashion_confirm.md"\n' in (ROOT / 'docs' / 'results-confirm.md').read_text()
 
 
+def test_confirmatory_alignment_acts_from_the_first_step_in_every_recorded_run():
+    """Issue 19: in the confirmatory study's ViT pair (Theseus: student block i starts from teacher block i
+    and aligns to block 2i+1) the alignment term is not zero at the start. Every recorded run of an
+    aligned arm, in both pairs, has a first-step alignment gradient above 0, proportional to its weight
+    (the same seed and state: gradient / weight is one number), and the ViT's are marked as not
+    starting at distance 0."""
+    checked = {}
+    for pair in ('cnn', 'vit'):
+        records = [r for r in study.load_records(ROOT / 'docs' / 'results' / 'records' / f'fashion_confirm_{pair}.jsonl')
+                   if r['name'] in ('kd_opdf', 'kd_opdf_random') and r['status'] == 'ok']
+        per_weight = {}
+        for r in records:
+            weight = r['overrides']['train.criterion.kwargs.sub_terms.opdf.weight']
+            norm = r['metrics']['grad_norms']['opdf']
+            assert norm > 0, (pair, r['key'])
+            per_weight.setdefault((r['name'], r['seed']), []).append(norm / weight)
+            if pair == 'vit':
+                alignment = r['metrics']['alignment']
+                assert alignment['alignment_starts_at_zero'] is False and alignment['initial_relative_distance'] > 1
+                assert alignment['aligned_param_share'] == 1.0
+        for ratios in per_weight.values():
+            assert max(ratios) == pytest.approx(min(ratios), rel=1e-5)
+        checked[pair] = {name: sum(1 for r in records if r['name'] == name) for name in ('kd_opdf', 'kd_opdf_random')}
+    assert checked['cnn'] == {'kd_opdf': 30, 'kd_opdf_random': 20}  # 10 selection + 20 final; 20 final
+    assert checked['vit']['kd_opdf'] >= 8  # the lambda grid at both selection seeds, at least
+
+
 def test_report_tables_prints_the_chosen_sections_as_the_full_report_prints_them(capsys, monkeypatch):
     """``report --study SPEC --tables contrasts`` (what a README quotes) is, byte for byte, the contrasts
     sections of the full report; any choice of tables is the full report's sections in report order."""
