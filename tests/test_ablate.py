@@ -1104,9 +1104,13 @@ def test_inheritance_order_and_inherited_axes(workspace):
         {LAMBDA: 0.1}, {LAMBDA: 1.0}] and waiting['rand']['state'] == 'waiting'
 
 
-def test_the_confirmatory_fashion_study_plans_its_selection_runs_and_waits_for_inherited_settings():
+def test_the_confirmatory_fashion_study_plans_its_selection_runs_and_waits_for_inherited_settings(tmp_path):
+    """The plan of the spec before any run (records pointed at an empty file: the committed ones grow
+    while the study runs)."""
     path = ROOT / 'configs' / 'fashion' / 'confirm' / 'study.yaml'
     confirm = study.load_study(path)
+    for pair in confirm.pairs:
+        pair.records = tmp_path / f'{pair.name}.jsonl'
     assert confirm.edge_rule == 'extend_once' and [p.name for p in confirm.pairs] == ['cnn', 'vit']
     for pair in confirm.pairs:
         assert [c.family for c in pair.contrasts] == ['primary'] * 3 + ['check']
