@@ -264,11 +264,14 @@ def _tuning_table(study: Study, pair: Pair, selection: Mapping[str, dict]) -> li
 
 def _contrasts_table(pair: Pair, per_arm: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
     """The pre-registered contrasts of a pair: tests, Holm within each family, TOST, MDE and verdicts."""
+    def missing(arm: str) -> int:  # declared final runs of the arm not recorded (all while it waits)
+        return len(pair.seeds) if per_arm.get(arm) is None else per_arm[arm]['missing']
+
     items = []
     for c in pair.contrasts:
         a, b = (per_arm.get(name) for name in c.arms)
-        pending = sum(len(pair.seeds) if entry is None else entry['missing'] for entry in (a, b))
-        items.append({'name': c.name, 'family': c.family, 'margin': c.margin, 'pending': pending,
+        items.append({'name': c.name, 'family': c.family, 'margin': c.margin,
+                      'pending': sum(missing(name) for name in c.arms),
                       'a': a['test'] if a else {}, 'b': b['test'] if b else {}})
     results = contrasts(items)
     rows, summary = [], []
@@ -280,14 +283,13 @@ def _contrasts_table(pair: Pair, per_arm: Mapping[str, Any]) -> tuple[list[str],
                      '-' if r['p_tost'] is None else _fmt_p(r['p_tost']), _fmt(r['mde']), r['verdict']])
         summary.append({'pair': pair.name, 'contrast': c.name, 'arms': list(c.arms), **r})
     families = list(dict.fromkeys(c.family for c in pair.contrasts))
-    sizes = []
+    family_sizes = []
     for f in families:
         members = [r for r in results if r['family'] == f]
         tested = sum(1 for r in members if not math.isnan(r['p']))
-        sizes.append(f'{f}: {len(members)}' + (f' ({tested} tested so far)' if tested < len(members) else ''))
-    sizes = ', '.join(sizes)
-    arms = dict.fromkeys(name for c in pair.contrasts for name in c.arms)
-    pending = sum(len(pair.seeds) if per_arm.get(name) is None else per_arm[name]['missing'] for name in arms)
+        family_sizes.append(f'{f}: {len(members)}' + (f' ({tested} tested so far)' if tested < len(members) else ''))
+    sizes = ', '.join(family_sizes)
+    pending = sum(missing(name) for name in dict.fromkeys(n for c in pair.contrasts for n in c.arms))
     seeds = ', '.join(map(str, pair.seeds))
     out = [f'#### {pair.title}: contrasts (paired over the test seeds {seeds})', '',
            _markdown(['contrast', 'a - b', 'family', 'n', 'mean diff', '95 % CI', 'p (paired t)', 'p (Holm)',
