@@ -615,6 +615,28 @@ def test_confirmatory_alignment_acts_from_the_first_step_in_every_recorded_run()
     assert checked['vit'] == {'kd_opdf': 25, 'kd_opdf_random': 15}  # 10 selection + 15 final; 15 final
 
 
+def test_the_confirmatory_study_is_complete_under_its_unchanged_preregistration(monkeypatch):
+    """Issue 19's records: every run the pre-registration declares (selection points at both selection
+    seeds, edge extensions, 20 final seeds per CNN arm and 15 per ViT arm) has a record, and the spec is
+    byte for byte the file committed before the first run (f21c553): no deviation. A later edit of the
+    spec has to change this test, and be reported as a deviation."""
+    import hashlib
+    monkeypatch.chdir(ROOT)
+    path = ROOT / 'configs' / 'fashion' / 'confirm' / 'study.yaml'
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == \
+        'facbf915d52e9c36c65cd47019cb05ff4f89c082ad14084bf73a6d5a2a3f9b65'
+    assert '# Deviations: none yet.' in path.read_text()
+    confirm = study.load_study(path)
+    finals = {}
+    for pair in confirm.pairs:
+        plan = study.study_plan(confirm, pair, study.load_records(pair.records))
+        assert plan['waiting'] == [] and plan['unplanned'] == []
+        planned = {t.identity.key for t in plan['select'] + plan['final']}
+        assert plan['done'] == planned, (pair.name, len(planned - plan['done']))
+        finals[pair.name] = (len(plan['select']), len(plan['final']))
+    assert finals == {'cnn': (50, 120), 'vit': (52, 90)}  # one edge extension: CNN kd_opdf; two: ViT ce, kd_opdf
+
+
 def test_report_tables_prints_the_chosen_sections_as_the_full_report_prints_them(capsys, monkeypatch):
     """``report --study SPEC --tables contrasts`` (what a README quotes) is, byte for byte, the contrasts
     sections of the full report; any choice of tables is the full report's sections in report order."""
