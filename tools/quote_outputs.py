@@ -7,7 +7,7 @@ A page quotes a command's standard output between two markers, each on a line of
     ...the output, byte for byte...
     <!-- end of output -->
 
-The command is one of the console scripts of ``pyproject.toml``'s ``[project.scripts]``. It runs in this
+The command is one of the console scripts of ``pyproject.toml``'s ``[project.scripts]`` (as installed). It runs in this
 process, in the repository root (the paths of a study spec are relative to it), with its standard error
 kept apart. Its return value must be 0 or ``None``; anything else is an error that names the page and
 the command, as is an unknown program, a marker without its end, or a command that cannot be parsed.
@@ -23,13 +23,13 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import importlib.metadata
 import io
 import os
 import re
 import shlex
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +42,10 @@ class QuoteError(ValueError):
 
 
 def _programs() -> dict[str, str]:
-    with open(ROOT / 'pyproject.toml', 'rb') as f:
-        return tomllib.load(f)['project']['scripts']
+    """The console scripts of the installed package (``[project.scripts]``): name -> ``module:function``.
+    Read from its metadata, which every supported Python has (``tomllib`` only from 3.11)."""
+    scripts = importlib.metadata.distribution('opdf-torchdistill').entry_points
+    return {e.name: e.value for e in scripts if e.group == 'console_scripts'}
 
 
 def blocks(text: str, page: str) -> list[tuple[str, int, int]]:
